@@ -1,0 +1,303 @@
+"""Checkers for the lessons' exercises.
+
+Each ``check_*`` function takes the learner's function, runs it against the package's reference on
+seeded random inputs and prints a verdict:
+
+* correct: it says so and returns the learner's function, which the lesson then uses;
+* still a stub (it raises ``NotImplementedError``): it says "not implemented yet" and returns the
+  reference, so the lesson carries on;
+* wrong: it raises :class:`ExerciseFailed` (an ``AssertionError``) naming the first failing case and
+  a hint. Fix the function, or put the stub back to skip the exercise.
+
+The exercise mechanism itself (solution markers, the generated learner notebooks) is described in
+:mod:`diffusion_course.exercises`. Taught in lesson 00_setup.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from .ddpm import GaussianDiffusion, normal_kl
+from .schedules import cosine_betas as _cosine_betas
+
+
+class ExerciseFailed(AssertionError):
+    """The learner's function gave a wrong result on a checker's test case."""
+
+
+@dataclass
+class Case:
+    """One test case: keyword arguments for the function and a short description."""
+
+    kwargs: Dict[str, Any]
+    label: str
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+    if callable(v):
+        return "a model"
+    return repr(v)
+
+
+def _compare(got: Any, want: torch.Tensor, rtol: float, atol: float) -> str:
+    """'' when ``got`` matches ``want``, else a reason."""
+    if not isinstance(got, torch.Tensor):
+        return f"returned {type(got).__name__}, expected a torch.Tensor"
+    if tuple(got.shape) != tuple(want.shape):
+        return f"returned shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    if not torch.isfinite(got).all():
+        return "returned NaN or inf"
+    got64, want64 = got.detach().double(), want.detach().double()
+    if not torch.allclose(got64, want64, rtol=rtol, atol=atol):
+        err = (got64 - want64).abs().max().item()
+        return f"values differ from the reference (largest absolute error {err:.3g})"
+    return ""
+
+
+def run_check(exercise: str, learner: Callable, reference: Callable, cases: Sequence[Case], hint: str,
+              rtol: float = 1e-5, atol: float = 1e-6, verbose: bool = True) -> Callable:
+    """Run ``learner`` and ``reference`` on every case and give the verdict (see the module docstring).
+
+    Returns the function the lesson should use from here on. Lesson: 00_setup.
+    """
+    for k, case in enumerate(cases):
+        want = reference(**case.kwargs)
+        try:
+            got = learner(**case.kwargs)
+        except NotImplementedError:
+            if verbose:
+                print(f"… Exercise {exercise}: not implemented yet. The lesson carries on with the package's "
+                      f"reference implementation; come back to it when you are ready.")
+            return reference
+        except Exception as e:  # the learner's code crashed: say where, keep the traceback
+            raise ExerciseFailed(f"✗ Exercise {exercise}: your function raised {type(e).__name__}: {e}\n"
+                                 f"  on case {k + 1} ({case.label}).\n  Hint: {hint}") from e
+        reason = _compare(got, want, rtol, atol)
+        if reason:
+            args = ", ".join(f"{n}={_describe(v)}" for n, v in case.kwargs.items())
+            raise ExerciseFailed(f"✗ Exercise {exercise}: {reason}\n  on case {k + 1} ({case.label}; {args}).\n"
+                                 f"  Hint: {hint}\n  Fix it, or put the NotImplementedError stub back to skip.")
+    if verbose:
+        print(f"✓ Exercise {exercise}: correct on {len(cases)} seeded random cases.")
+    return learner
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _random_betas(T: int, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    return (torch.rand(T, generator=g, dtype=torch.float64) * 0.05 + 1e-4).sort().values
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 01: the forward process
+# ----------------------------------------------------------------------------------------------
+
+def ref_compute_alpha_bar(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{s=1}^t (1 - beta_s), shape ``(T,)``. Lesson: 01_forward_process."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def check_compute_alpha_bar(fn: Callable) -> Callable:
+    """Exercise 1.1: abar_t from the betas. Lesson: 01_forward_process."""
+    cases = [Case({"betas": _random_betas(T, seed)}, f"T={T} random betas") for T, seed in ((10, 0), (1000, 1), (1, 2))]
+    return run_check("1.1", fn, ref_compute_alpha_bar, cases,
+                     "abar_t is the running product of alpha_s = 1 - beta_s (torch.cumprod), not of the betas, "
+                     "and not alpha_t alone.")
+
+
+def ref_cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule's betas, float64 ``(T,)``. Lesson: 01_forward_process."""
+    return _cosine_betas(T, s, max_beta)
+
+
+def check_cosine_betas(fn: Callable) -> Callable:
+    """Exercise 1.2: the cosine schedule. Lesson: 01_forward_process."""
+    cases = [Case({"T": T, "s": s, "max_beta": 0.999}, f"T={T}, s={s}") for T, s in ((1000, 0.008), (50, 0.008), (200, 0.02))]
+    return run_check("1.2", fn, ref_cosine_betas, cases,
+                     "f(t) = cos(((t/T + s)/(1 + s)) * pi/2) ** 2, abar(t) = f(t)/f(0), beta_t = 1 - abar(t)/abar(t-1) "
+                     "for t = 1..T (torch.arange(1, T + 1)), then clamp at max_beta. Work in float64.")
+
+
+def ref_q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with ``t`` array indices ``(B,)``. Lesson: 01_forward_process."""
+    ab = alpha_bar[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def check_q_sample(fn: Callable) -> Callable:
+    """Exercise 1.3: the closed form q(x_t | x_0). Lesson: 01_forward_process."""
+    cases = []
+    for seed, shape in ((0, (4, 1, 8, 8)), (1, (16, 2)), (2, (3, 3, 5, 5))):
+        g = _gen(seed)
+        T = 100
+        ab = torch.cumprod(1 - _random_betas(T, seed), 0)
+        cases.append(Case({"x0": torch.randn(shape, generator=g), "t": torch.randint(0, T, (shape[0],), generator=g),
+                           "noise": torch.randn(shape, generator=g), "alpha_bar": ab}, f"batch of shape {shape}"))
+    return run_check("1.3", fn, ref_q_sample, cases,
+                     "index alpha_bar with t (array indices, no -1), reshape to (B, 1, ...) so it broadcasts, and use "
+                     "square roots: sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 02: the ELBO and L_simple
+# ----------------------------------------------------------------------------------------------
+
+def ref_posterior_variance(betas: torch.Tensor) -> torch.Tensor:
+    """beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t with abar_0 = 1. Lesson: 02_elbo_to_simple_loss."""
+    return GaussianDiffusion(betas).beta_tilde
+
+
+def check_posterior_variance(fn: Callable) -> Callable:
+    """Exercise 2.1: the posterior variance beta_tilde_t. Lesson: 02_elbo_to_simple_loss."""
+    cases = [Case({"betas": _random_betas(T, seed)}, f"T={T} random betas") for T, seed in ((10, 3), (1000, 4))]
+    return run_check("2.1", fn, ref_posterior_variance, cases,
+                     "abar_{t-1} for t = 1 is abar_0 = 1: prepend a one to alpha_bar[:-1] "
+                     "(torch.cat). beta_tilde_1 is then exactly 0, and beta_tilde_t < beta_t.")
+
+
+def ref_gaussian_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
+                    logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise. Lesson: 02_elbo_to_simple_loss."""
+    return normal_kl(mean1, logvar1, mean2, logvar2)
+
+
+def check_gaussian_kl(fn: Callable) -> Callable:
+    """Exercise 2.2: the KL divergence between two Gaussians. Lesson: 02_elbo_to_simple_loss."""
+    cases = []
+    for seed, shape in ((5, (6,)), (6, (2, 3, 4)), (7, (100,))):
+        g = _gen(seed)
+        cases.append(Case({"mean1": torch.randn(shape, generator=g), "logvar1": torch.randn(shape, generator=g),
+                           "mean2": torch.randn(shape, generator=g), "logvar2": torch.randn(shape, generator=g)},
+                          f"shape {shape}"))
+    return run_check("2.2", fn, ref_gaussian_kl, cases,
+                     "KL = 0.5 * (logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)**2 * exp(-logvar2) - 1). "
+                     "KL is not symmetric: the second Gaussian is the one in the denominator.")
+
+
+def ref_posterior_mean(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """mu_tilde_t(x_t, x_0) with ``t`` array indices ``(B,)``. Lesson: 02_elbo_to_simple_loss."""
+    return GaussianDiffusion(betas).q_posterior_mean_variance(x0, xt, t)[0]
+
+
+def check_posterior_mean(fn: Callable) -> Callable:
+    """Exercise 2.3: the posterior mean mu_tilde_t. Lesson: 02_elbo_to_simple_loss."""
+    cases = []
+    for seed, shape in ((8, (5, 1, 4, 4)), (9, (32, 2))):
+        g = _gen(seed)
+        T = 50
+        cases.append(Case({"x0": torch.randn(shape, generator=g), "xt": torch.randn(shape, generator=g),
+                           "t": torch.randint(0, T, (shape[0],), generator=g), "betas": _random_betas(T, seed)},
+                          f"batch of shape {shape}"))
+    return run_check("2.3", fn, ref_posterior_mean, cases,
+                     "mu_tilde = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * xt; "
+                     "x0 takes sqrt(abar_{t-1}), xt takes sqrt(alpha_t), and abar_0 = 1.", rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 03: Algorithms 1 and 2, DDIM
+# ----------------------------------------------------------------------------------------------
+
+class _FixedEps(torch.nn.Module):
+    """A deterministic stand-in for eps_theta used by the checkers: a fixed smooth function of (x, t)."""
+
+    def __init__(self, T: int) -> None:
+        super().__init__()
+        self.T = T
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = (t.float() / self.T).reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.tanh(x) * (0.5 + scale) + 0.1 * scale
+
+
+def ref_simple_loss(eps_model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    alpha_bar: torch.Tensor) -> torch.Tensor:
+    """|| eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 averaged over all entries (a scalar).
+
+    Lesson: 03_training_and_sampling.
+    """
+    xt = ref_q_sample(x0, t, noise, alpha_bar)
+    return ((noise - eps_model(xt, t)) ** 2).mean()
+
+
+def check_simple_loss(fn: Callable) -> Callable:
+    """Exercise 3.1: the loss of Algorithm 1. Lesson: 03_training_and_sampling."""
+    cases = []
+    for seed, shape in ((10, (8, 2)), (11, (4, 1, 6, 6))):
+        g = _gen(seed)
+        T = 100
+        cases.append(Case({"eps_model": _FixedEps(T), "x0": torch.randn(shape, generator=g),
+                           "t": torch.randint(0, T, (shape[0],), generator=g), "noise": torch.randn(shape, generator=g),
+                           "alpha_bar": torch.cumprod(1 - _random_betas(T, seed), 0)}, f"batch of shape {shape}"))
+    return run_check("3.1", fn, ref_simple_loss, cases,
+                     "noise x0 with the closed form (your q_sample), ask the model for eps at (x_t, t), and return the "
+                     "mean squared difference to the true noise (a scalar tensor): the target is eps, not x0.")
+
+
+def ref_sampling_step(eps_model: Callable, xt: torch.Tensor, t: int, z: torch.Tensor,
+                      betas: torch.Tensor) -> torch.Tensor:
+    """Algorithm 2, line 4, with sigma_t^2 = beta_t and z ignored at index t = 0. Lesson: 03_training_and_sampling."""
+    diffusion = GaussianDiffusion(betas)
+    tt = torch.full((xt.shape[0],), t, dtype=torch.long)
+    mean = diffusion.mu_from_eps(xt, tt, eps_model(xt, tt))
+    if t == 0:
+        return mean
+    return mean + math.sqrt(float(betas[t])) * z
+
+
+def check_sampling_step(fn: Callable) -> Callable:
+    """Exercise 3.2: one step of Algorithm 2. Lesson: 03_training_and_sampling."""
+    cases = []
+    T = 100
+    for seed, t, shape in ((12, 57, (8, 2)), (13, 0, (8, 2)), (14, 99, (2, 1, 5, 5))):
+        g = _gen(seed)
+        cases.append(Case({"eps_model": _FixedEps(T), "xt": torch.randn(shape, generator=g), "t": t,
+                           "z": torch.randn(shape, generator=g), "betas": _random_betas(T, seed)},
+                          f"t index {t}, batch of shape {shape}"))
+    return run_check("3.2", fn, ref_sampling_step, cases,
+                     "x_{t-1} = 1/sqrt(alpha_t) * (x_t - (1 - alpha_t)/sqrt(1 - abar_t) * eps) + sigma_t z with "
+                     "sigma_t = sqrt(beta_t): alpha_t (not abar_t) in front, and no noise at the last step (index 0).",
+                     rtol=1e-5, atol=1e-5)
+
+
+def ref_ddim_step(eps: torch.Tensor, xt: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float) -> torch.Tensor:
+    """The deterministic DDIM update (eta = 0):
+    x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev) eps, x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
+
+    Lesson: 03_training_and_sampling.
+    """
+    x0_pred = (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+    return math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1 - alpha_bar_prev) * eps
+
+
+def check_ddim_step(fn: Callable) -> Callable:
+    """Exercise 3.3: the deterministic DDIM step. Lesson: 03_training_and_sampling."""
+    cases = []
+    for seed, ab, ab_prev in ((15, 0.3, 0.6), (16, 0.01, 0.2), (17, 0.9, 1.0)):
+        g = _gen(seed)
+        shape = (6, 2)
+        cases.append(Case({"eps": torch.randn(shape, generator=g), "xt": torch.randn(shape, generator=g),
+                           "alpha_bar_t": ab, "alpha_bar_prev": ab_prev}, f"abar_t={ab}, abar_prev={ab_prev}"))
+    return run_check("3.3", fn, ref_ddim_step, cases,
+                     "first recover x0_pred from (x_t, eps) with abar_t, then re-noise it to the earlier level with "
+                     "abar_prev, reusing the same eps (no fresh noise when eta = 0).")
+
+
+ALL_CHECKS: List[Tuple[str, Callable, Callable]] = [
+    ("1.1", check_compute_alpha_bar, ref_compute_alpha_bar),
+    ("1.2", check_cosine_betas, ref_cosine_betas),
+    ("1.3", check_q_sample, ref_q_sample),
+    ("2.1", check_posterior_variance, ref_posterior_variance),
+    ("2.2", check_gaussian_kl, ref_gaussian_kl),
+    ("2.3", check_posterior_mean, ref_posterior_mean),
+    ("3.1", check_simple_loss, ref_simple_loss),
+    ("3.2", check_sampling_step, ref_sampling_step),
+    ("3.3", check_ddim_step, ref_ddim_step),
+]

@@ -1,0 +1,143 @@
+"""Device choice, seeding, the run-mode switch and the environment report.
+
+Taught in lesson 00_setup. Every lesson's first cell calls :func:`env_report`, and its configuration
+cell calls :func:`by_mode` so that one switch (the environment variable ``DIFFUSION_COURSE_MODE``)
+chooses the size of everything a lesson trains.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import warnings
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+MODE_ENV = "DIFFUSION_COURSE_MODE"
+MODES = ("quick", "default", "gpu")
+
+
+def get_device(prefer: Optional[str] = None) -> torch.device:
+    """Pick the best available device: CUDA, then Apple MPS, then the CPU.
+
+    ``prefer`` (e.g. ``"cpu"``) overrides the choice; so does the environment variable
+    ``DIFFUSION_COURSE_DEVICE``. Lesson: 00_setup.
+    """
+    choice = prefer or os.environ.get("DIFFUSION_COURSE_DEVICE")
+    if choice:
+        dev = torch.device(choice)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {choice!r} was asked for, but CUDA is not available here; "
+                               "unset DIFFUSION_COURSE_DEVICE or pass prefer='cpu'.")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (all devices); return a CPU ``torch.Generator`` with that seed.
+
+    Lesson: 00_setup.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _accelerator_present() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or (mps is not None and mps.is_available())
+
+
+def run_mode() -> str:
+    """The run mode: ``"quick"``, ``"default"`` or ``"gpu"``.
+
+    * ``DIFFUSION_COURSE_MODE`` set to one of these wins;
+    * otherwise ``quick`` when ``CI`` is set (continuous integration, and the test suite, which sets
+      the variable before it runs the notebooks);
+    * otherwise ``gpu`` when CUDA or MPS is available, else ``default``.
+
+    Lesson: 00_setup.
+    """
+    mode = os.environ.get(MODE_ENV, "").strip().lower()
+    if mode:
+        if mode not in MODES:
+            raise ValueError(f"{MODE_ENV}={mode!r} is not a run mode; use one of {', '.join(MODES)}")
+        return mode
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return "quick"
+    return "gpu" if _accelerator_present() else "default"
+
+
+def by_mode(quick: Dict[str, Any], default: Dict[str, Any], gpu: Optional[Dict[str, Any]] = None,
+            mode: Optional[str] = None) -> Dict[str, Any]:
+    """Return the configuration for the current run mode.
+
+    ``default`` holds every key; ``quick`` and ``gpu`` override some of them, so a size is written once
+    per mode and never twice in a notebook. Lesson: 00_setup.
+    """
+    mode = mode or run_mode()
+    if mode not in MODES:
+        raise ValueError(f"unknown run mode {mode!r}; use one of {', '.join(MODES)}")
+    for name, over in (("quick", quick), ("gpu", gpu or {})):
+        extra = set(over) - set(default)
+        if extra:
+            raise KeyError(f"the {name} configuration sets {sorted(extra)}, which the default one lacks")
+    cfg = dict(default)
+    if mode == "quick":
+        cfg.update(quick)
+    elif mode == "gpu":
+        cfg.update(gpu or {})
+    cfg["mode"] = mode
+    return cfg
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab runtime. Lesson: 00_setup."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def env_report(print_report: bool = True) -> Dict[str, str]:
+    """Versions, device and run mode, for the first cell of every lesson.
+
+    Warns loudly when a Colab runtime has no GPU (Runtime > Change runtime type > GPU). Lesson: 00_setup.
+    """
+    import diffusion_course
+
+    device = get_device()
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusion_course": diffusion_course.__version__,
+        "device": str(device),
+        "run mode": run_mode(),
+        "colab": str(in_colab()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+    if print_report:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:>{width}} : {v}")
+    if in_colab() and device.type != "cuda":
+        msg = ("THIS COLAB RUNTIME HAS NO GPU. Training will be slow. "
+               "Choose Runtime > Change runtime type > T4 GPU, then run the notebook again.")
+        print("!" * 80 + "\n" + msg + "\n" + "!" * 80)
+        warnings.warn(msg, stacklevel=2)
+    return info
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of a module. Lesson: 03_training_and_sampling."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
