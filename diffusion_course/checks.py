@@ -30,7 +30,7 @@ class ExerciseFailed(AssertionError):
 
 @dataclass
 class Case:
-    """One test case: keyword arguments for the function and a short description."""
+    """One test case: keyword arguments for the function and a short description. Lesson: 00_setup."""
 
     kwargs: Dict[str, Any]
     label: str

@@ -86,7 +86,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 class Trajectory(NamedTuple):
     """A reverse-process trajectory: ``samples`` of shape ``(K, B, ...)`` from x_T to x_0, and the
-    lecture time ``t`` of each (``T, ..., 0``; t = 0 is the final sample)."""
+    lecture time ``t`` of each (``T, ..., 0``; t = 0 is the final sample). Lesson: 03_training_and_sampling."""
 
     samples: torch.Tensor
     t: List[int]

@@ -132,7 +132,8 @@ def _sync_install(source: str, url: str) -> str:
 
 
 def _set_source(cell: dict, source: str) -> None:
-    cell["source"] = source
+    # stored line by line, as Jupyter saves it, so that diffs stay readable
+    cell["source"] = source.splitlines(keepends=True)
 
 
 def clean_source_notebook(nb: dict, url: str) -> dict:
@@ -140,8 +141,7 @@ def clean_source_notebook(nb: dict, url: str) -> dict:
     nb = copy.deepcopy(nb)
     nb["cells"] = [_clean_cell(c) for c in nb["cells"]]
     for c in nb["cells"]:
-        if c["cell_type"] == "code":
-            _set_source(c, _sync_install(_source(c), url))
+        _set_source(c, _sync_install(_source(c), url) if c["cell_type"] == "code" else _source(c))
     return nb
 
 
@@ -159,8 +159,8 @@ def learner_notebook(nb: dict, name: str, url: str) -> Tuple[dict, int]:
             total += n
         elif BEGIN in _source(c):
             raise ExerciseFormatError(f"{name}, cell {k}: solution markers belong in code cells")
-    note = {"cell_type": "markdown", "id": "learner-note", "metadata": {},
-            "source": LEARNER_NOTE.format(name=name)}
+    note = {"cell_type": "markdown", "id": "learner-note", "metadata": {}, "source": []}
+    _set_source(note, LEARNER_NOTE.format(name=name))
     nb["cells"].insert(1, note)
     return nb, total
 

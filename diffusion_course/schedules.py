@@ -166,6 +166,6 @@ class Schedule:
         return ab / (1.0 - ab)
 
     def log_snr(self) -> torch.Tensor:
-        """log SNR(t), float64 (monotonically decreasing in t for any valid schedule)."""
+        """log SNR(t), float64 (decreasing in t for any valid schedule). Lesson: 01_forward_process."""
         ab = self.alpha_bar
         return torch.log(ab) - torch.log1p(-ab)

@@ -1,0 +1,111 @@
+"""Each checker accepts the reference, hands back the reference for a stub, and rejects plausible mistakes."""
+import math
+
+import pytest
+import torch
+
+from diffusion_course import checks
+from diffusion_course.checks import ExerciseFailed
+from diffusion_course.ddpm import GaussianDiffusion
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError("Exercise: stub")
+
+
+def _alpha_bar_prev(alpha_bar):
+    return torch.cat([torch.ones(1, dtype=alpha_bar.dtype), alpha_bar[:-1]])
+
+
+def _bcast(v, x):
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+WRONG = {
+    "1.1": [
+        lambda betas: 1 - betas,                        # alpha_t instead of abar_t
+        lambda betas: torch.cumprod(betas, 0),          # product of betas
+        lambda betas: 1 - torch.cumsum(betas, 0),       # first-order approximation
+    ],
+    "1.2": [
+        lambda T, s=0.008, max_beta=0.999: checks.ref_cosine_betas(T, s, 1.0),           # no clipping
+        lambda T, s=0.008, max_beta=0.999: 1 - torch.cos(((torch.arange(1, T + 1, dtype=torch.float64) / T + s) / (1 + s)) * math.pi / 2)
+        / torch.cos(((torch.arange(0, T, dtype=torch.float64) / T + s) / (1 + s)) * math.pi / 2),  # cos not squared
+        lambda T, s=0.008, max_beta=0.999: checks.ref_cosine_betas(T, 0.0, max_beta),      # offset s ignored
+    ],
+    "1.3": [
+        lambda x0, t, noise, alpha_bar: _bcast(alpha_bar[t], x0).sqrt() * x0 + _bcast(1 - alpha_bar[t], x0).sqrt() * noise * 0
+        + _bcast(1 - alpha_bar[t], x0) * noise,                                                           # variance instead of std
+        lambda x0, t, noise, alpha_bar: _bcast(torch.cat([alpha_bar[:1], alpha_bar])[t], x0).sqrt() * x0
+        + _bcast(1 - torch.cat([alpha_bar[:1], alpha_bar])[t], x0).sqrt() * noise,                         # off by one (t - 1)
+        lambda x0, t, noise, alpha_bar: checks.ref_q_sample(x0, t, noise, torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])),  # alpha_t
+    ],
+    "2.1": [
+        lambda betas: betas,                                                              # beta_t instead of beta-tilde
+        lambda betas: betas * (1 - torch.cumprod(1 - betas, 0)) / (1 - torch.cumprod(1 - betas, 0)),  # abar_t for abar_{t-1}
+        lambda betas: betas * (1 - torch.cat([torch.zeros(1, dtype=betas.dtype), torch.cumprod(1 - betas, 0)[:-1]]))
+        / (1 - torch.cumprod(1 - betas, 0)),                                             # abar_0 = 0
+    ],
+    "2.2": [
+        lambda mean1, logvar1, mean2, logvar2: checks.ref_gaussian_kl(mean2, logvar2, mean1, logvar1),  # reversed
+        lambda mean1, logvar1, mean2, logvar2: 2 * checks.ref_gaussian_kl(mean1, logvar1, mean2, logvar2),  # no 1/2
+        lambda mean1, logvar1, mean2, logvar2: checks.ref_gaussian_kl(mean1, logvar1, mean2, logvar2) + 0.5,  # forgot -1
+    ],
+    "2.3": [
+        lambda x0, xt, t, betas: checks.ref_posterior_mean(xt, x0, t, betas),                     # coefficients swapped
+        lambda x0, xt, t, betas: GaussianDiffusion(betas).predict_x0_from_eps(xt, t, torch.zeros_like(xt)),  # x0 from xt
+        lambda x0, xt, t, betas: checks.ref_posterior_mean(x0, xt, (t - 1).clamp(min=0), betas),  # off by one
+    ],
+    "3.1": [
+        lambda eps_model, x0, t, noise, alpha_bar: ((x0 - eps_model(checks.ref_q_sample(x0, t, noise, alpha_bar), t)) ** 2).mean(),  # x0 target
+        lambda eps_model, x0, t, noise, alpha_bar: ((noise - eps_model(x0, t)) ** 2).mean(),       # forgot to noise x0
+        lambda eps_model, x0, t, noise, alpha_bar: ((noise - eps_model(checks.ref_q_sample(x0, t, noise, alpha_bar), t)) ** 2).sum(),  # sum not mean
+    ],
+    "3.2": [
+        lambda eps_model, xt, t, z, betas: checks.ref_sampling_step(eps_model, xt, t, z, betas)
+        - (0.0 if t == 0 else math.sqrt(float(betas[t]))) * z
+        + (0.0 if t == 0 else math.sqrt(float(GaussianDiffusion(betas).beta_tilde[t]))) * z,   # beta-tilde instead of beta
+        lambda eps_model, xt, t, z, betas: checks.ref_sampling_step(eps_model, xt, t, z, betas) + (math.sqrt(float(betas[0])) * z if t == 0 else 0.0),  # noise at the last step
+        lambda eps_model, xt, t, z, betas: (1 / torch.cumprod(1 - betas, 0)[t].sqrt()).to(xt) * (xt - (betas[t] / (1 - torch.cumprod(1 - betas, 0)[t]).sqrt()).to(xt) * eps_model(xt, torch.full((xt.shape[0],), t))) + (0.0 if t == 0 else math.sqrt(float(betas[t]))) * z,  # abar_t in front
+    ],
+    "3.3": [
+        lambda eps, xt, alpha_bar_t, alpha_bar_prev: checks.ref_ddim_step(eps, xt, alpha_bar_prev, alpha_bar_t),  # swapped
+        lambda eps, xt, alpha_bar_t, alpha_bar_prev: math.sqrt(alpha_bar_prev) * (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # eps not reused
+        lambda eps, xt, alpha_bar_t, alpha_bar_prev: (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # returns x0_pred
+    ],
+}
+
+
+@pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])
+def test_checker_accepts_reference(exercise, check, reference, capsys):
+    assert check(reference) is reference
+    assert f"Exercise {exercise}: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])
+def test_checker_hands_back_reference_for_a_stub(exercise, check, reference, capsys):
+    assert check(stub) is reference
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])
+def test_checker_rejects_plausible_mistakes(exercise, check, reference):
+    mistakes = WRONG[exercise]
+    assert len(mistakes) >= 2
+    for wrong in mistakes:
+        with pytest.raises(ExerciseFailed, match=f"(?s)Exercise {exercise}.*Hint"):
+            check(wrong)
+
+
+def test_checker_reports_crashes_and_wrong_shapes():
+    with pytest.raises(ExerciseFailed, match="raised ZeroDivisionError"):
+        checks.check_compute_alpha_bar(lambda betas: 1 / 0)
+    with pytest.raises(ExerciseFailed, match="shape"):
+        checks.check_compute_alpha_bar(lambda betas: torch.cumprod(1 - betas, 0)[None])
+    with pytest.raises(ExerciseFailed, match="expected a torch.Tensor"):
+        checks.check_compute_alpha_bar(lambda betas: (1 - betas).tolist())
+
+
+def test_every_exercise_is_listed_once():
+    ids = [c[0] for c in checks.ALL_CHECKS]
+    assert len(ids) == len(set(ids)) == len(WRONG)
