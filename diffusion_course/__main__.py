@@ -1,42 +1,61 @@
-"""Command line: ``python -m diffusion_course <command>``.
+"""Command line: ``python -m diffusion_course <command> --help``.
 
 * ``env``              print the environment report (versions, device, run mode)
 * ``build [--check]``  build the learners' notebooks and the README's lesson table (see ``exercises``)
+
+Other modules add their own commands (training, sampling, ...): each module named in ``COMMAND_MODULES``
+defines ``register_cli(subparsers)``, which adds its sub-parsers with ``set_defaults(func=handler)``;
+a handler takes the parsed arguments and returns the exit status.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import List, Optional
 
+COMMAND_MODULES: tuple = ()
 
-def main(argv: Optional[List[str]] = None) -> int:
+
+def _env(args: argparse.Namespace) -> int:
+    from .utils import env_report
+
+    env_report()
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .exercises import build
+
+    changed = build(check=args.check)
+    if args.check:
+        if changed:
+            print("out of date (run `python -m diffusion_course build`):\n  " + "\n  ".join(changed))
+            return 1
+        print("notebooks and README are up to date")
+        return 0
+    print("updated:\n  " + "\n  ".join(changed) if changed else "nothing to update")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command-line parser with every registered command. Lesson: 00_setup."""
     parser = argparse.ArgumentParser(prog="python -m diffusion_course", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("env", help="print versions, device and run mode")
+    sub.add_parser("env", help="print versions, device and run mode").set_defaults(func=_env)
     b = sub.add_parser("build", help="generate the learners' notebooks and the README lesson table")
     b.add_argument("--check", action="store_true", help="change nothing; fail if anything is out of date")
-    args = parser.parse_args(argv)
+    b.set_defaults(func=_build)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
+    return parser
 
-    if args.command == "env":
-        from .utils import env_report
 
-        env_report()
-        return 0
-    if args.command == "build":
-        from .exercises import build
-
-        changed = build(check=args.check)
-        if args.check:
-            if changed:
-                print("out of date (run `python -m diffusion_course build`):\n  " + "\n  ".join(changed))
-                return 1
-            print("notebooks and README are up to date")
-            return 0
-        print("updated:\n  " + "\n  ".join(changed) if changed else "nothing to update")
-        return 0
-    return 2
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; returns its exit status. Lesson: 00_setup."""
+    args = make_parser().parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

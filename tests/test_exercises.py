@@ -114,3 +114,10 @@ def test_repository_url_and_colab_links():
     assert exercises.colab_url(url, "notebooks/00_setup.ipynb").endswith("/blob/main/notebooks/00_setup.ipynb")
     with pytest.raises(ValueError, match="github.com/OWNER/NAME"):
         exercises.github_path("https://gitlab.com/a/b")
+
+
+def test_command_line_build_check(capsys):
+    from diffusion_course.__main__ import main
+
+    assert main(["build", "--check"]) == 0
+    assert "up to date" in capsys.readouterr().out

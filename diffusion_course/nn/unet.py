@@ -1,0 +1,193 @@
+"""The DDPM U-Net eps_theta(x_t, t), configured by a dataclass.
+
+Taught in lesson 04_unet; later lessons extend it without rewriting it: a ``context`` for
+cross-attention (lesson 07_cross_attention) and a per-resolution feature modulation
+(1 + alpha) * F + beta (StableSR, lesson 09_stablesr).
+
+Layout (image of side S, L = len(channel_mult) levels, ds the current down-sampling rate):
+
+    conv_in (in_channels -> model_channels)
+    encoder: per level, num_res_blocks DownBlocks (attention where ds is in attention_resolutions),
+             then a Downsample (not after the last level); every output is kept as a skip connection
+    middle:  ResidualBlock -> AttentionBlock -> ResidualBlock
+    decoder: per level (deepest first), num_res_blocks + 1 UpBlocks, each eating one skip connection,
+             then an Upsample (not after the first level)
+    out:     GroupNorm -> SiLU -> conv (zero-initialised) -> out_channels
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBlock
+from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample, group_norm, zero_module
+from .embedding import TimeEmbedding
+
+Modulation = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class UNetConfig:
+    """Every choice of the U-Net. ``attention_resolutions`` lists down-sampling rates ds (1 = full size,
+    2 = half, ...), as in the reference implementations. ``out_channels = 0`` means ``in_channels``.
+
+    Lesson: 04_unet.
+    """
+
+    image_size: int = 32
+    in_channels: int = 1
+    out_channels: int = 0
+    model_channels: int = 64
+    channel_mult: Tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Tuple[int, ...] = (2,)
+    dropout: float = 0.0
+    num_heads: int = 4
+    scale_shift: bool = False
+    context_dim: Optional[int] = None
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        if not self.out_channels:
+            self.out_channels = self.in_channels
+        if self.in_channels < 1 or self.model_channels < 1 or not self.channel_mult or self.num_res_blocks < 1:
+            raise ValueError(f"invalid U-Net configuration: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        factor = self.downsampling_factor
+        if self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the U-Net's total down-sampling "
+                             f"{factor} (2 ** (len(channel_mult) - 1)); use a multiple of {factor} or fewer levels")
+        rates = [2 ** i for i in range(len(self.channel_mult))]
+        bad = [r for r in self.attention_resolutions if r not in rates]
+        if bad:
+            raise ValueError(f"attention_resolutions {bad} are not down-sampling rates of this U-Net ({rates})")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly dict (tuples as lists). Lesson: 04_unet."""
+        d = asdict(self)
+        d["channel_mult"], d["attention_resolutions"] = list(self.channel_mult), list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "UNetConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown U-Net configuration keys: {sorted(extra)}")
+        return cls(**d)
+
+
+class UNet(nn.Module):
+    """The U-Net noise predictor: ``forward(x (B, C, H, W), t (B,), context=None, modulation=None)``
+    returns eps_theta of shape ``(B, out_channels, H, W)``.
+
+    ``context`` ``(B, M, context_dim)`` feeds the cross-attention layers when ``context_dim`` is set.
+    ``modulation`` maps a resolution (the feature map's height, as a string such as ``"16"``) to a pair
+    ``(alpha, beta)`` of tensors broadcastable to that level's decoder features; each UpBlock's output F at
+    that resolution becomes (1 + alpha) * F + beta. :meth:`modulation_channels` tells the channels per key.
+    Lesson: 04_unet.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        mc = c.model_channels
+        emb = 4 * mc
+        self.time_embed = TimeEmbedding(mc, emb)
+        self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
+        kw = dict(num_heads=c.num_heads, dropout=c.dropout, scale_shift=c.scale_shift,
+                  context_dim=c.context_dim, norm_groups=c.norm_groups)
+
+        self.down = nn.ModuleList()
+        skip_channels: List[int] = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(DownBlock(ch, mult * mc, emb, ds in c.attention_resolutions, **kw))
+                ch = mult * mc
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.mid_res1 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
+        self.mid_attn = AttentionBlock(ch, c.num_heads, c.context_dim, c.norm_groups)
+        self.mid_res2 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
+
+        self.up = nn.ModuleList()
+        self._up_ds: List[int] = []
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                self.up.append(UpBlock(ch + skip_channels.pop(), mult * mc, emb, ds in c.attention_resolutions, **kw))
+                ch = mult * mc
+                self._up_ds.append(ds)
+                if level and i == c.num_res_blocks:
+                    self.up.append(Upsample(ch))
+                    self._up_ds.append(0)
+                    ds //= 2
+        self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+
+    def modulation_channels(self, image_size: Optional[int] = None) -> Dict[str, int]:
+        """The decoder's channels per resolution key (feature-map height as a string), for an input of side
+        ``image_size`` (the configured one by default). Lesson: 04_unet."""
+        size = image_size or self.config.image_size
+        out: Dict[str, int] = {}
+        for block, ds in zip(self.up, self._up_ds):
+            if isinstance(block, UpBlock):
+                out[str(size // ds)] = block.res.out_channels
+        return out
+
+    def _check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        c = self.config
+        if x.ndim != 4:
+            raise ValueError(f"the U-Net expects images (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"the U-Net was built for {c.in_channels} input channels, got {x.shape[1]}")
+        f = c.downsampling_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the U-Net's down-sampling "
+                             f"factor {f}; resize or pad to a multiple of {f}")
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
+                modulation: Optional[Modulation] = None) -> torch.Tensor:
+        self._check_input(x, t)
+        if context is not None and not self.config.context_dim:
+            raise ValueError("context was given, but this U-Net has no cross-attention (context_dim is None)")
+        emb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb, context) if isinstance(block, DownBlock) else block(h)
+            skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb), context), emb)
+        used = set()
+        for block in self.up:
+            if isinstance(block, UpBlock):
+                h = block(h, emb, context, skip=skips.pop())
+                key = str(h.shape[-2])
+                if modulation is not None and key in modulation:
+                    alpha, beta = modulation[key]
+                    h = (1 + alpha) * h + beta  # F_hat = (1 + alpha) * F + beta
+                    used.add(key)
+            else:
+                h = block(h)
+        if modulation is not None and set(modulation) - used:
+            raise ValueError(f"modulation keys {sorted(set(modulation) - used)} match no decoder resolution; "
+                             f"valid keys: {sorted(self.modulation_channels(x.shape[-2]), key=int)}")
+        return self.out(h)

@@ -1,0 +1,178 @@
+import math
+
+import pytest
+import torch
+
+from diffusion_course.nn import (AttentionBlock, DownBlock, MultiHeadAttention, ResidualBlock, TimeEmbedding,
+                                 UNet, UNetConfig, UpBlock, timestep_embedding)
+from diffusion_course.nn.blocks import Downsample, Upsample, group_norm
+
+
+def unzero(net):
+    """Give every zero-initialised layer random weights, so that every path shows in the output."""
+    for p in net.parameters():
+        if p.ndim > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return net
+
+
+def small_config(**kw):
+    base = dict(image_size=16, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(2,), num_heads=2, norm_groups=8)
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def test_timestep_embedding_convention_cos_first_half_denominator():
+    t = torch.tensor([0, 1, 7, 999])
+    dim = 8
+    emb = timestep_embedding(t, dim)
+    assert emb.shape == (4, 8)
+    half = dim // 2
+    for b, tb in enumerate(t.tolist()):
+        for k in range(half):
+            freq = math.exp(-math.log(10000.0) * k / half)
+            assert emb[b, k].item() == pytest.approx(math.cos(tb * freq), abs=1e-5)
+            assert emb[b, half + k].item() == pytest.approx(math.sin(tb * freq), abs=1e-5)
+    assert timestep_embedding(t, 7).shape == (4, 7) and (timestep_embedding(t, 7)[:, -1] == 0).all()
+    # distinct steps get distinct embeddings
+    e = timestep_embedding(torch.arange(1000), 32)
+    assert torch.cdist(e, e).add(torch.eye(1000) * 10).min() > 1e-3
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        timestep_embedding(torch.zeros(2, 2), 8)
+
+
+def test_time_embedding_mlp_shape():
+    assert TimeEmbedding(16)(torch.arange(3)).shape == (3, 64)
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_residual_block_starts_as_identity_and_time_changes_output(scale_shift):
+    torch.manual_seed(0)
+    block = ResidualBlock(8, 8, emb_channels=12, scale_shift=scale_shift, norm_groups=4)
+    x, emb = torch.randn(2, 8, 5, 5), torch.randn(2, 12)
+    assert torch.equal(block(x, emb), x)  # the last conv is zero-initialised
+    torch.nn.init.normal_(block.conv2.weight, std=0.1)
+    assert not torch.allclose(block(x, emb), block(x, emb + 1.0))  # time injection matters
+    out = block(x, emb)
+    out.sum().backward()
+    assert block.emb_proj.weight.grad is not None and block.emb_proj.weight.grad.abs().sum() > 0
+
+
+def test_residual_block_channel_change_and_errors():
+    block = ResidualBlock(8, 16, emb_channels=4, norm_groups=4)
+    assert block(torch.randn(2, 8, 4, 4), torch.randn(2, 4)).shape == (2, 16, 4, 4)
+    with pytest.raises(ValueError, match="8 input channels"):
+        block(torch.randn(2, 3, 4, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="time embedding"):
+        block(torch.randn(2, 8, 4, 4))
+    assert ResidualBlock(8, 8, norm_groups=4)(torch.randn(1, 8, 3, 3)).shape == (1, 8, 3, 3)
+    with pytest.raises(ValueError, match="groups"):
+        group_norm(12, 8)
+
+
+def test_attention_matches_a_hand_computation():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(4, num_heads=2, context_dim=3)
+    torch.nn.init.normal_(attn.to_out.weight)
+    x, ctx = torch.randn(2, 5, 4), torch.randn(2, 6, 3)
+    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+    heads = []
+    for h in range(2):
+        sl = slice(2 * h, 2 * h + 2)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(2), dim=-1)
+        heads.append(w @ v[..., sl])
+    want = attn.to_out(torch.cat(heads, -1))
+    assert torch.allclose(attn(x, ctx), want, atol=1e-5)
+    with pytest.raises(ValueError, match="context must have shape"):
+        attn(x, torch.randn(2, 6, 4))
+
+
+def test_attention_block_identity_at_init_and_cross_attention():
+    block = AttentionBlock(8, num_heads=2, norm_groups=4)
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.allclose(block(x), x)
+    cross = AttentionBlock(8, num_heads=2, context_dim=5, norm_groups=4)
+    torch.nn.init.normal_(cross.cross_attn.to_out.weight)
+    c1, c2 = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    assert not torch.allclose(cross(x, c1), cross(x, c2))
+    with pytest.raises(ValueError, match="context_dim"):
+        cross(x)
+
+
+def test_down_and_up_blocks():
+    d = DownBlock(8, 16, emb_channels=4, attention=True, num_heads=2, norm_groups=4)
+    u = UpBlock(16 + 8, 8, emb_channels=4, attention=False, norm_groups=4)
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 4)
+    h = d(x, emb)
+    assert h.shape == (2, 16, 4, 4) and d.attn is not None and u.attn is None
+    assert u(h, emb, skip=x).shape == (2, 8, 4, 4)
+    with pytest.raises(ValueError, match="skip connection"):
+        u(h, emb)
+    assert Downsample(8)(x).shape == (2, 8, 2, 2) and Upsample(8)(x).shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="even"):
+        Downsample(8)(torch.randn(1, 8, 5, 5))
+
+
+def test_unet_shapes_gradients_and_zero_output_at_init():
+    torch.manual_seed(0)
+    net = UNet(small_config())
+    x, t = torch.randn(3, 1, 16, 16), torch.randint(0, 1000, (3,))
+    out = net(x, t)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # the output conv starts at zero
+    unzero(net)
+    out = net(x, t)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert not torch.allclose(net(x, t), net(x, (t + 500) % 1000))  # the time step changes the output
+
+
+def test_unet_skip_wiring_and_attention_placement():
+    cfg = small_config(channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2,), image_size=16)
+    net = UNet(cfg)
+    downs = [m for m in net.down if isinstance(m, DownBlock)]
+    ups = [m for m in net.up if isinstance(m, UpBlock)]
+    assert len(downs) == 6 and len(ups) == 9
+    # attention exactly at ds = 2: the second level, both ways
+    assert [d.attn is not None for d in downs] == [False, False, True, True, False, False]
+    assert [u.attn is not None for u in ups] == [False] * 3 + [True] * 3 + [False] * 3
+    # every UpBlock eats a skip connection: its input channels exceed its output channels
+    assert all(u.res.in_channels > u.res.out_channels or u.res.in_channels == 2 * u.res.out_channels for u in ups)
+    assert net(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)).shape == (2, 1, 16, 16)
+
+
+def test_unet_context_and_modulation_hooks():
+    torch.manual_seed(0)
+    net = unzero(UNet(small_config(context_dim=6)))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    c1, c2 = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    assert not torch.allclose(net(x, t, c1), net(x, t, c2))
+    chans = net.modulation_channels()
+    assert chans == {"8": 32, "16": 16}
+    zero = {k: (torch.zeros(1, ch, 1, 1), torch.zeros(1, ch, 1, 1)) for k, ch in chans.items()}
+    assert torch.allclose(net(x, t, c1, modulation=zero), net(x, t, c1))  # (1 + 0) F + 0 = F
+    shifted = {"16": (torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1))}
+    assert not torch.allclose(net(x, t, c1, modulation=shifted), net(x, t, c1))
+    with pytest.raises(ValueError, match="valid keys"):
+        net(x, t, c1, modulation={"5": (torch.zeros(1), torch.zeros(1))})
+    with pytest.raises(ValueError, match="no cross-attention"):
+        UNet(small_config())(x, t, c1)
+
+
+def test_unet_clear_errors():
+    with pytest.raises(ValueError, match="not divisible"):
+        small_config(image_size=18, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="down-sampling rates"):
+        small_config(attention_resolutions=(8,))
+    net = UNet(small_config())
+    with pytest.raises(ValueError, match="1 input channels"):
+        net(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.randn(1, 1, 15, 16), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"t must have shape \(1,\)"):
+        net(torch.randn(1, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    cfg = small_config()
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        UNetConfig.from_dict({**cfg.to_dict(), "depth": 3})
