@@ -1,0 +1,96 @@
+"""Small pretrained models that ship inside the package, and the command that makes them.
+
+Taught in lesson 04_unet. A learner on a CPU loads a trained model at once instead of training for an
+hour; each shipped model was produced by the package's own ``train`` command, recorded in its
+``COMMAND.txt`` beside the weights, and can be reproduced with it.
+
+An asset folder ``diffusion_course/assets/<name>/`` holds
+
+    model.safetensors   the EMA weights only (float16 to keep the package small; loaded as float32)
+    config.json         {"train": ..., "unet": ..., "step": ...}, as in the run's checkpoint
+    COMMAND.txt         the commands that trained and exported it, and what was measured on it
+
+    python -m diffusion_course export --checkpoint runs/ddpm_digits16 --name ddpm_digits16 \
+        --command "python -m diffusion_course train ..."
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint as ckpt
+from .ddpm import GaussianDiffusion
+from .nn import UNet, UNetConfig
+from .utils import get_device
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def available() -> List[str]:
+    """Names of the shipped DDPM models. Lesson: 04_unet."""
+    return sorted(p.name for p in ASSETS.glob("*") if (p / WEIGHTS_FILE).is_file() and (p / "config.json").is_file()
+                  and "unet" in json.loads((p / "config.json").read_text()))
+
+
+def export(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], command: str = "",
+           dtype: torch.dtype = torch.float16) -> Path:
+    """Write the EMA weights of a training run (cast to ``dtype``), its configuration and the commands that
+    made it into ``out_dir``, each file atomically. Returns ``out_dir``. Lesson: 04_unet."""
+    groups, meta = ckpt.read_checkpoint(run_dir)
+    if "ema" not in groups:
+        raise ValueError(f"{run_dir} holds no EMA weights; is it a run folder of `python -m diffusion_course train`?")
+    out = Path(out_dir)
+    weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in groups["ema"].items()}
+    config = {**meta["config"], "step": int(meta["trainer_state"]["step"])}
+    ckpt.atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))
+    ckpt.write_json(out / "config.json", config)
+    if command:
+        ckpt.atomic_write(out / "COMMAND.txt", lambda tmp: Path(tmp).write_text(command.rstrip() + "\n"))
+    return out
+
+
+def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
+                    ) -> Tuple[UNet, GaussianDiffusion, Dict[str, Any]]:
+    """A shipped model by name (or an exported folder by path): ``(U-Net in eval mode, its
+    GaussianDiffusion, config dict)``. The config dict holds ``train`` and ``unet`` (dicts), ``step`` and
+    ``command`` (how it was made). Lesson: 04_unet.
+    """
+    folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"no shipped model {name!r}; available: {', '.join(available()) or 'none'}")
+    config = json.loads((folder / "config.json").read_text())
+    model = UNet(UNetConfig.from_dict(config["unet"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    model.load_state_dict(state)
+    model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
+    train = config["train"]
+    diffusion = GaussianDiffusion(train["schedule"], train["T"], clip_x0=train.get("clip_x0", False))
+    command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
+    return model, diffusion, {**config, "command": command}
+
+
+def _export_cli(args: Any) -> int:
+    out = Path(args.out) if args.out else ASSETS / args.name
+    command = args.command or ""
+    if args.command_file:
+        command = Path(args.command_file).read_text()
+    export(args.checkpoint, out, command)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``export`` command. Lesson: 04_unet."""
+    p = subparsers.add_parser("export", help="ship a run's EMA weights as a small pretrained model")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `train`")
+    p.add_argument("--name", default="", help="asset name (writes diffusion_course/assets/NAME)")
+    p.add_argument("--out", default="", help="folder to write instead of the package's assets")
+    p.add_argument("--command", default="", help="the command(s) that trained the run, recorded in COMMAND.txt")
+    p.add_argument("--command-file", default="", help="read the COMMAND.txt text from this file")
+    p.set_defaults(func=_export_cli)

@@ -1,0 +1,421 @@
+"""The training engine: one loop for the notebooks and for ``python -m diffusion_course train``.
+
+Taught in lesson 04_unet. It is Algorithm 1 of the lecture (``GaussianDiffusion.L_simple``) with the
+engineering a real run needs:
+
+* the device is picked for you (CUDA, then Apple MPS, then the CPU); mixed precision on CUDA
+  (bf16 where the GPU supports it, else fp16 with a gradient scaler; off elsewhere), see :func:`select_amp`;
+* an exponential moving average (EMA) of the weights, which is what sampling uses (:func:`ema_update`);
+* gradient clipping, a learning-rate warm-up, a progress bar with the running loss, the loss history;
+* sample grids (PNG) and checkpoints (safetensors, see :mod:`diffusion_course.checkpoint`) in the run
+  folder ``TrainConfig.out``; a resumed run continues exactly where it stopped, because every random
+  number comes from generators whose states the checkpoint keeps;
+* several GPUs through ``torchrun`` (DistributedDataParallel, one process per GPU; see
+  :mod:`diffusion_course.distributed`).
+
+    trainer = Trainer(TrainConfig(dataset="digits", image_size=16, steps=2000, out="runs/digits"), unet_config)
+    trainer.train()                      # (B, C, S, S) batches, one optimizer step each
+    images = trainer.sample(16)          # (16, C, S, S) in [-1, 1], from the EMA weights
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
+from .distributed import (barrier, gather_objects, leave_process_group, main_process_first, mean_over_processes,
+                          setup_distributed)
+from .ddpm import GaussianDiffusion
+from .nn import UNet, UNetConfig
+from .schedules import SCHEDULES
+from .utils import get_device
+from .viz import make_grid
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+SAMPLERS = ("ddim", "ddpm")
+# settings a resumed run may change, because they do not change what the model learns
+RESUMABLE = ("steps", "sample_every", "checkpoint_every", "n_samples", "sampler", "sample_steps", "out", "amp",
+             "device", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run but the network's (that is :class:`~diffusion_course.nn.UNetConfig`).
+
+    ``batch_size`` is the global batch, split evenly over the processes of a multi-GPU run.
+    ``grad_clip = 0`` turns clipping off; ``sample_every = 0`` / ``checkpoint_every = 0`` write sample grids /
+    checkpoints only when :meth:`Trainer.train` returns; ``out = None`` writes nothing. ``amp`` is one of
+    ``auto``, ``bf16``, ``fp16``, ``off``; ``device = None`` picks the best one. Lesson: 04_unet.
+    """
+
+    dataset: str = "digits"
+    image_size: int = 16
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 2000
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float = 1.0
+    seed: int = 0
+    T: int = 1000
+    schedule: str = "linear"
+    clip_x0: bool = True
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    n_samples: int = 16
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    out: Optional[str] = None
+    amp: str = "auto"
+    device: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        names = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS
+        if self.dataset not in names:
+            raise ValueError(f"unknown data set {self.dataset!r}; valid names: {', '.join(names)}")
+        for key in ("image_size", "batch_size", "T", "n_samples", "sample_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive int, got {getattr(self, key)!r}")
+        for key in ("steps", "seed", "warmup_steps", "sample_every", "checkpoint_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1) (typically 0.999), got {self.ema_decay}")
+        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0, grad_clip and weight_decay >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(sorted(SCHEDULES))}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sample_steps > self.T:
+            raise ValueError(f"sample_steps {self.sample_steps} exceeds T = {self.T}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly dict of every field. Lesson: 04_unet."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
+        extra = set(d) - {f.name for f in fields(cls)}
+        if extra:
+            raise ValueError(f"unknown training configuration keys: {sorted(extra)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ----------------------------------------------------------------------------------------------
+
+def select_amp(device: Union[str, torch.device], amp: str = "auto",
+               bf16_supported: Optional[bool] = None) -> Optional[torch.dtype]:
+    """The autocast dtype for ``device``: ``torch.bfloat16``, ``torch.float16`` (needs a gradient scaler)
+    or ``None`` (full float32). ``auto`` takes bf16 on a CUDA GPU that supports it, else fp16, and None off
+    CUDA. ``bf16_supported`` overrides the GPU query (for tests). Lesson: 04_unet.
+    """
+    device = torch.device(device)
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        if amp == "auto":
+            return None
+        raise ValueError(f"mixed precision ({amp}) is only used on CUDA GPUs, not on {device.type}; use amp='off'")
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not bf16_supported:
+        raise ValueError("this GPU does not support bf16; use amp='fp16' (or 'auto')")
+    if amp == "fp16" or (amp == "auto" and not bf16_supported):
+        return torch.float16
+    return torch.bfloat16
+
+
+def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay for the update after ``updates`` earlier ones: ``decay``, or with ``warmup``
+    min(decay, (1 + n) / (10 + n)), so that early averages are not dominated by the random initial weights.
+    Lesson: 04_unet."""
+    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta for every parameter; buffers are copied.
+    Lesson: 04_unet."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def stream_seed(seed: int, rank: int, stream: int, *more: int) -> int:
+    """A 32-bit seed for random stream ``stream`` (0: data, 1: noise, 2: dropout) of process ``rank``, well mixed from
+    its inputs (numpy's SeedSequence), so that every process draws different batches and noise. Lesson: 04_unet."""
+    return int(np.random.SeedSequence([seed, rank, stream, *more]).generate_state(1)[0])
+
+
+def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: Optional[int] = None) -> Path:
+    """Write images ``(N, C, H, W)`` in [-1, 1] as one PNG grid (atomically). Returns the path. Lesson: 04_unet."""
+    import matplotlib.image
+
+    grid = make_grid(images, nrow)  # (rows, cols, C) in [0, 1]
+    grid = grid[..., 0] if grid.shape[-1] == 1 else grid
+    ckpt.atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, cmap="gray", vmin=0.0, vmax=1.0,
+                                                                  format="png"))
+    return Path(path)
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim",
+                  steps: Optional[int] = None, seed: int = 0, eta: float = 0.0, progress: bool = True) -> torch.Tensor:
+    """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
+    default 50) or DDPM's Algorithm 2 (all T steps), with the noise drawn from a generator seeded by ``seed``.
+    Lesson: 04_unet."""
+    c = model.config
+    shape = (n, c.in_channels, c.image_size, c.image_size)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    if sampler == "ddim":
+        x = diffusion.ddim_sample(model, shape, steps=steps or 50, eta=eta, generator=g, device=device, progress=progress)
+    elif sampler == "ddpm":
+        if steps not in (None, diffusion.T):
+            raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use the DDIM sampler for {steps}")
+        x = diffusion.sample(model, shape, generator=g, device=device, progress=progress)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    return x.clamp(-1.0, 1.0).float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains a U-Net eps_theta with L_simple (Algorithm 1) on ``config.dataset`` (or on ``data``, images
+    ``(N, C, S, S)`` in [-1, 1]). ``unet_config`` defaults to the package's U-Net for the data's size and
+    channels. Under ``torchrun`` it joins the process group and wraps the model in DistributedDataParallel;
+    only rank 0 shows progress and writes files. Lesson: 04_unet.
+    """
+
+    def __init__(self, config: TrainConfig, unet_config: Optional[UNetConfig] = None,
+                 data: Optional[torch.Tensor] = None) -> None:
+        self.config = c = config
+        self.dist, self.device, self._owns_group = setup_distributed(c.device)
+        if data is None:
+            with main_process_first(self.dist):  # one download at a time
+                data = get_dataset(c.dataset, c.image_size).images
+        if data.ndim != 4 or data.shape[-1] != c.image_size or data.shape[-2] != c.image_size:
+            raise ValueError(f"training images must have shape (N, C, {c.image_size}, {c.image_size}), "
+                             f"got {tuple(data.shape)}")
+        unet_config = unet_config or UNetConfig(image_size=c.image_size, in_channels=data.shape[1])
+        if unet_config.image_size != c.image_size or unet_config.in_channels != data.shape[1]:
+            raise ValueError(f"the U-Net is built for {unet_config.in_channels}-channel images of size "
+                             f"{unet_config.image_size}, the data has {data.shape[1]} channels and size "
+                             f"{c.image_size}; make UNetConfig's image_size and in_channels match")
+        self.unet_config = unet_config
+        world = self.dist.world_size
+        if c.batch_size % world:
+            raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {world}")
+
+        torch.manual_seed(c.seed)  # the same initial weights on every process and in every run
+        self.model = UNet(unet_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
+        self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.diffusion = GaussianDiffusion(c.schedule, c.T, clip_x0=c.clip_x0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.amp_dtype = select_amp(self.device, c.amp)
+        self.scaler = torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
+                                           enabled=self.amp_dtype == torch.float16)
+        # every random number of the loop comes from these two generators (CPU, one pair per process)
+        self.data_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 0))
+        self.noise_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 1))
+        self.batches = random_batches(data, c.batch_size // world, generator=self.data_generator)
+        self.step = 0
+        self.loss_history: List[float] = []
+
+    # -- one step of Algorithm 1 -------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step``: a linear warm-up over ``warmup_steps``, then constant. Lesson: 04_unet."""
+        w = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / w) if w else self.config.lr
+
+    def train_step(self) -> float:
+        """One optimizer step on a fresh batch ``(B, C, S, S)``; returns the loss (averaged over processes).
+        A NaN or infinite loss raises FloatingPointError before the weights change. Lesson: 04_unet."""
+        c = self.config
+        self.net.train()
+        x0 = next(self.batches).to(self.device, non_blocking=True)  # (B / world, C, S, S)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = self.diffusion.L_simple(self.net, x0, generator=self.noise_generator)
+        self.scaler.scale(loss).backward()  # under DDP this averages the gradients over processes
+        value = mean_over_processes(loss, self.dist)
+        if not np.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"; the last checkpoint in {c.out} is intact" if c.out else ""
+            raise FloatingPointError(
+                f"the loss is {value} at step {self.step}; training stopped before the weights changed{where}. "
+                f"Lower the learning rate (now {c.lr}), keep grad_clip on, and check that the data is finite "
+                f"and scaled to [-1, 1].")
+        if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, ema_decay_at(self.step, c.ema_decay, c.ema_warmup))
+        self.step += 1
+        self.loss_history.append(value)
+        return value
+
+    def train(self, num_steps: Optional[int] = None) -> List[float]:
+        """Train ``num_steps`` more steps (default: until ``config.steps``), writing sample grids and checkpoints
+        into ``config.out`` on schedule and once more at the end. Returns the loss history. Lesson: 04_unet."""
+        c = self.config
+        start = self.step
+        target = c.steps if num_steps is None else min(c.steps, self.step + num_steps)
+        bar = tqdm(total=c.steps, initial=self.step, desc="training", disable=not (c.progress and self.dist.is_main))
+        with bar:
+            while self.step < target:
+                self.train_step()
+                recent = self.loss_history[-100:]
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                if c.out and c.sample_every and self.step % c.sample_every == 0:
+                    self.save_samples()
+                if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save()
+        if c.out and self.step > start:
+            if not (c.sample_every and self.step % c.sample_every == 0):
+                self.save_samples()
+            if not (c.checkpoint_every and self.step % c.checkpoint_every == 0):
+                self.save()
+        return self.loss_history
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sample(self, n: Optional[int] = None, sampler: Optional[str] = None, steps: Optional[int] = None,
+               seed: Optional[int] = None) -> torch.Tensor:
+        """``n`` images ``(n, C, S, S)`` in [-1, 1] from the EMA weights (defaults from the config). Lesson: 04_unet."""
+        c = self.config
+        return sample_images(self.ema, self.diffusion, n or c.n_samples, sampler or c.sampler,
+                             steps or (c.sample_steps if (sampler or c.sampler) == "ddim" else None),
+                             c.seed if seed is None else seed, progress=False)
+
+    def save_samples(self) -> Optional[Path]:
+        """Write a sample grid to ``out/samples/step_NNNNNN.png`` (rank 0 only). Lesson: 04_unet."""
+        if not (self.config.out and self.dist.is_main):
+            return None
+        return save_grid(self.sample(), Path(self.config.out) / "samples" / f"step_{self.step:06d}.png")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def configs(self) -> Dict[str, Dict[str, Any]]:
+        """``{"train": TrainConfig dict, "unet": UNetConfig dict}``, as stored in checkpoints. Lesson: 04_unet."""
+        return {"train": self.config.to_dict(), "unet": self.unet_config.to_dict()}
+
+    def _rng_states(self) -> Dict[str, torch.Tensor]:
+        states = {"data": self.data_generator.get_state(), "noise": self.noise_generator.get_state(),
+                  "torch": torch.get_rng_state()}  # the global generator drives dropout
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def save(self, folder: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
+        """Write a checkpoint into ``folder`` (default ``config.out``); under DDP every process must call it
+        (their RNG states are gathered) and rank 0 writes. Returns the path on rank 0. Lesson: 04_unet."""
+        folder = folder or self.config.out
+        if folder is None:
+            raise ValueError("no folder to save into: pass one, or set TrainConfig.out")
+        rngs = gather_objects(self._rng_states(), self.dist)  # every process's, in rank order
+        path = None
+        if self.dist.is_main:
+            opt_tensors, opt_rest = ckpt.flatten_optimizer_state(self.optimizer.state_dict())
+            groups = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": opt_tensors,
+                      "state": {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64)},
+                      "rng": {f"{r}/{name}": t for r, states in enumerate(rngs) for name, t in states.items()}}
+            meta = {"config": self.configs(), "optimizer": opt_rest,
+                    "trainer_state": {"step": self.step, "world_size": self.dist.world_size,
+                                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}}
+            path = ckpt.save_checkpoint(folder, groups, meta)
+        barrier(self.dist)
+        return path
+
+    def load(self, folder: Union[str, os.PathLike]) -> None:
+        """Resume from the checkpoint in ``folder``: weights, EMA, optimizer, step, loss history and random
+        states. A checkpoint of another configuration is refused with the keys that differ. Lesson: 04_unet."""
+        groups, meta = ckpt.read_checkpoint(folder)
+        diffs = ckpt.config_differences(meta["config"], self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
+        if diffs:
+            raise ValueError(f"the checkpoint in {str(folder)!r} comes from a different configuration:\n  "
+                             + "\n  ".join(diffs) + "\nresume with the checkpoint's settings (the command line's "
+                             "--resume reads them for you) or train into a new folder")
+        self.model.load_state_dict(groups["model"])
+        self.ema.load_state_dict(groups["ema"])
+        self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(groups.get("optimizer", {}), meta["optimizer"]))
+        state = meta["trainer_state"]
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.loss_history = groups["state"]["loss_history"].tolist()
+        rank, rngs = self.dist.rank, groups["rng"]
+        if state["world_size"] == self.dist.world_size:
+            self.data_generator.set_state(rngs[f"{rank}/data"])
+            self.noise_generator.set_state(rngs[f"{rank}/noise"])
+            torch.set_rng_state(rngs[f"{rank}/torch"])
+            if self.device.type == "cuda" and f"{rank}/cuda" in rngs:
+                torch.cuda.set_rng_state(rngs[f"{rank}/cuda"], self.device)
+        else:  # another number of processes: fresh streams, the run goes on but not bit for bit
+            warnings.warn(f"the checkpoint was written by {state['world_size']} processes, this run has "
+                          f"{self.dist.world_size}; resuming with fresh random streams (not bit-exact)")
+            self.data_generator.manual_seed(stream_seed(self.config.seed, rank, 0, self.step))
+            self.noise_generator.manual_seed(stream_seed(self.config.seed, rank, 1, self.step))
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it. Lesson: 04_unet."""
+        if self._owns_group:
+            leave_process_group()
+            self._owns_group = False
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
+                    ) -> Tuple[UNet, GaussianDiffusion, Dict[str, Any]]:
+    """A trained model from its run folder: ``(model, diffusion, configs)`` with the U-Net holding the EMA
+    weights (eval mode, on ``device`` or the best one), its :class:`GaussianDiffusion`, and
+    ``{"train": TrainConfig, "unet": UNetConfig, "step": int}``. Lesson: 04_unet."""
+    groups, meta = ckpt.read_checkpoint(path)
+    train = TrainConfig.from_dict(meta["config"]["train"])
+    unet_config = UNetConfig.from_dict(meta["config"]["unet"])
+    model = UNet(unet_config)
+    model.load_state_dict(groups["ema"])
+    model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion(train.schedule, train.T, clip_x0=train.clip_x0)
+    return model, diffusion, {"train": train, "unet": unet_config, "step": int(meta["trainer_state"]["step"])}
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``train`` and ``sample`` commands (they live in :mod:`diffusion_course.train_cli`). Lesson: 04_unet."""
+    from .train_cli import register_cli as register
+
+    register(subparsers)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from diffusion_course import pretrained
+from diffusion_course.training import Trainer, TrainConfig, load_checkpoint
+from diffusion_course.nn import UNetConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(dataset="digits", image_size=8, batch_size=8, steps=3, T=20, sample_steps=5, n_samples=4,
+                      sample_every=0, checkpoint_every=0, out=str(out), progress=False)
+    unet = UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(2,), num_heads=2, norm_groups=4)
+    trainer = Trainer(cfg, unet)
+    trainer.train()
+    trainer.close()
+    return out
+
+
+def test_export_and_load_round_trip(tiny_run, tmp_path):
+    folder = pretrained.export(tiny_run, tmp_path / "tiny", command="python -m diffusion_course train ...")
+    assert (folder / "COMMAND.txt").read_text().startswith("python -m diffusion_course train")
+    model, diffusion, config = pretrained.load_pretrained(folder, device="cpu")
+    ref, ref_diffusion, ref_config = load_checkpoint(tiny_run, device="cpu")
+    assert config["step"] == 3 and diffusion.T == ref_diffusion.T == 20
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name  # float16 storage
+    x = diffusion.ddim_sample(model, (2, 1, 8, 8), steps=5, progress=False, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_export_command_line(tiny_run, tmp_path):
+    from diffusion_course.__main__ import main
+
+    assert main(["export", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "cli"), "--command", "made by hand"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").stat().st_size < 200_000
+
+
+def test_unknown_name_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="available"):
+        pretrained.load_pretrained("no_such_model")
+
+
+def test_shipped_models_load():
+    for name in pretrained.available():
+        model, diffusion, config = pretrained.load_pretrained(name, device="cpu")
+        assert "python -m diffusion_course train" in config["command"], f"{name} does not record its command"
+        size = config["unet"]["image_size"]
+        x = torch.randn(1, config["unet"]["in_channels"], size, size)
+        assert model(x, torch.zeros(1, dtype=torch.long)).shape == x.shape
