@@ -2,6 +2,8 @@
 
 * ``env``              print the environment report (versions, device, run mode)
 * ``build [--check]``  build the learners' notebooks and the README's lesson table (see ``exercises``)
+* ``train``, ``sample`` train a U-Net, continue a run, write a grid of samples (see ``training``)
+* ``train-classifier`` train the digit classifier behind the sample-quality measure (see ``metrics``)
 
 Other modules add their own commands (training, sampling, ...): each module named in ``COMMAND_MODULES``
 defines ``register_cli(subparsers)``, which adds its sub-parsers with ``set_defaults(func=handler)``;
@@ -14,7 +16,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMAND_MODULES: tuple = ()
+COMMAND_MODULES: tuple = ("diffusion_course.training", "diffusion_course.pretrained", "diffusion_course.metrics")
 
 
 def _env(args: argparse.Namespace) -> int:

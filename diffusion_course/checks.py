@@ -245,7 +245,7 @@ def ref_sampling_step(eps_model: Callable, xt: torch.Tensor, t: int, z: torch.Te
                       betas: torch.Tensor) -> torch.Tensor:
     """Algorithm 2, line 4, with sigma_t^2 = beta_t and z ignored at index t = 0. Lesson: 03_training_and_sampling."""
     diffusion = GaussianDiffusion(betas)
-    tt = torch.full((xt.shape[0],), t, dtype=torch.long)
+    tt = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
     mean = diffusion.mu_from_eps(xt, tt, eps_model(xt, tt))
     if t == 0:
         return mean
@@ -290,6 +290,160 @@ def check_ddim_step(fn: Callable) -> Callable:
                      "abar_prev, reusing the same eps (no fresh noise when eta = 0).")
 
 
+# ----------------------------------------------------------------------------------------------
+# Lesson 05: the VAE
+# ----------------------------------------------------------------------------------------------
+
+def ref_reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps, the shape of ``mu``. Lesson: 05_vae."""
+    from .vae import reparameterize
+
+    return reparameterize(mu, logvar, eps)
+
+
+def check_reparameterize(fn: Callable) -> Callable:
+    """Exercise 5.1: the reparameterisation z = mu + sigma * eps. Lesson: 05_vae."""
+    cases = []
+    for seed, shape in ((20, (8, 16)), (21, (3, 4, 2, 2)), (22, (1, 2))):
+        g = _gen(seed)
+        cases.append(Case({"mu": torch.randn(shape, generator=g), "logvar": 2 * torch.randn(shape, generator=g),
+                           "eps": torch.randn(shape, generator=g)}, f"shape {shape}"))
+    return run_check("5.1", fn, ref_reparameterize, cases,
+                     "sigma is the standard deviation, exp(logvar / 2) (torch.exp(0.5 * logvar)), not the variance "
+                     "exp(logvar) and not logvar itself; use the eps you are given, do not draw a new one.")
+
+
+def ref_kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) elementwise, the shape of ``mu``. Lesson: 05_vae."""
+    from .vae import kl_to_standard_normal
+
+    return kl_to_standard_normal(mu, logvar)
+
+
+def check_kl_to_standard_normal(fn: Callable) -> Callable:
+    """Exercise 5.2: the KL of a diagonal Gaussian to N(0, I), per dimension. Lesson: 05_vae."""
+    cases = []
+    for seed, shape in ((23, (8, 16)), (24, (2, 4, 3, 3)), (25, (50,))):
+        g = _gen(seed)
+        cases.append(Case({"mu": torch.randn(shape, generator=g), "logvar": torch.randn(shape, generator=g)},
+                          f"shape {shape}"))
+    return run_check("5.2", fn, ref_kl_to_standard_normal, cases,
+                     "per dimension KL = 0.5 * (mu**2 + exp(logvar) - 1 - logvar): exp(logvar) is sigma^2 (no extra "
+                     "square), the 1/2 applies to every term, and the result keeps the shape of mu (no sum).")
+
+
+def ref_vae_loss(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                 kl_weight: float) -> torch.Tensor:
+    """recon + kl_weight * KL, sums over pixels and latent dimensions, means over the batch; a scalar.
+
+    Lesson: 05_vae.
+    """
+    from .vae import vae_loss
+
+    return vae_loss(x, x_hat, mu, logvar, kl_weight).loss
+
+
+def check_vae_loss(fn: Callable) -> Callable:
+    """Exercise 5.3: the VAE loss with its reductions. Lesson: 05_vae."""
+    cases = []
+    for seed, x_shape, z_shape, w in ((26, (8, 1, 6, 6), (8, 4), 0.5), (27, (3, 3, 4, 4), (3, 2, 2, 2), 2.0),
+                                      (28, (5, 1, 8, 8), (5, 7), 0.0)):
+        g = _gen(seed)
+        cases.append(Case({"x": torch.randn(x_shape, generator=g), "x_hat": torch.randn(x_shape, generator=g),
+                           "mu": torch.randn(z_shape, generator=g), "logvar": torch.randn(z_shape, generator=g),
+                           "kl_weight": w}, f"images {x_shape}, latents {z_shape}, kl_weight {w}"))
+    return run_check("5.3", fn, ref_vae_loss, cases,
+                     "sum the squared error over every pixel and channel of an image and the KL over every latent "
+                     "dimension (x.flatten(1).sum(1)), then average both over the batch (.mean()); kl_weight "
+                     "multiplies the KL only. Return one scalar tensor.", rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 04: the U-Net
+# ----------------------------------------------------------------------------------------------
+
+def ref_timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding, cosines first, frequencies exp(-ln(10000) k / half). Lesson: 04_unet."""
+    from .nn import timestep_embedding
+
+    return timestep_embedding(t, dim)
+
+
+def check_timestep_embedding(fn: Callable) -> Callable:
+    """Exercise 4.1: the sinusoidal time-step embedding. Lesson: 04_unet."""
+    cases = []
+    for seed, n, dim in ((29, 5, 16), (30, 3, 64), (31, 4, 7)):
+        g = _gen(seed)
+        cases.append(Case({"t": torch.randint(0, 1000, (n,), generator=g), "dim": dim}, f"{n} steps, dim {dim}"))
+    return run_check("4.1", fn, ref_timestep_embedding, cases,
+                     "half = dim // 2; freqs = torch.exp(-math.log(10000) * torch.arange(half) / half); "
+                     "args = t.float()[:, None] * freqs[None]; cat([cos(args), sin(args)], dim=1), cosines first, "
+                     "and one zero column when dim is odd.", rtol=1e-4, atol=1e-4)
+
+
+def _random_residual_block(seed: int, in_ch: int, out_ch: int, emb: int):
+    from .nn import ResidualBlock
+
+    torch.manual_seed(seed)
+    block = ResidualBlock(in_ch, out_ch, emb_channels=emb, norm_groups=4).eval()
+    torch.nn.init.normal_(block.conv2.weight, std=0.05)  # undo the zero init so that every path counts
+    return block
+
+
+def ref_residual_forward(block: torch.nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The forward pass of a :class:`~diffusion_course.nn.ResidualBlock` (DDPM's additive time injection).
+
+    Lesson: 04_unet.
+    """
+    with torch.no_grad():
+        return block(x, emb)
+
+
+def check_residual_forward(fn: Callable) -> Callable:
+    """Exercise 4.2: the residual block's forward pass from its layers. Lesson: 04_unet."""
+    cases = []
+    for seed, in_ch, out_ch in ((32, 8, 8), (33, 8, 16)):
+        g = _gen(seed)
+        cases.append(Case({"block": _random_residual_block(seed, in_ch, out_ch, 12),
+                           "x": torch.randn(3, in_ch, 5, 5, generator=g), "emb": torch.randn(3, 12, generator=g)},
+                          f"{in_ch} -> {out_ch} channels"))
+    wrapped = lambda block, x, emb: _no_grad(fn, block, x, emb)  # noqa: E731
+    used = run_check("4.2", wrapped, ref_residual_forward, cases,
+                     "h = block.conv1(F.silu(block.norm1(x))); add block.emb_proj(F.silu(emb))[:, :, None, None]; "
+                     "then block.norm2, F.silu, block.dropout, block.conv2; return block.skip(x) + h. The time "
+                     "vector is added after the first convolution and before the second normalisation.",
+                     rtol=1e-4, atol=1e-5)
+    return fn if used is wrapped else used
+
+
+def _no_grad(fn: Callable, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def ref_up_block_in_channels(model_channels: int, channel_mult: Tuple[int, ...], num_res_blocks: int) -> torch.Tensor:
+    """The input channels of every UpBlock of the U-Net, in the order the decoder runs them, as a long
+    tensor (previous feature map + skip connection). Lesson: 04_unet."""
+    from .nn import UNet, UNetConfig, UpBlock
+
+    cfg = UNetConfig(image_size=2 ** (len(channel_mult) + 1), model_channels=model_channels,
+                     channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=(),
+                     norm_groups=1)
+    return torch.tensor([b.res.in_channels for b in UNet(cfg).up if isinstance(b, UpBlock)])
+
+
+def check_up_block_in_channels(fn: Callable) -> Callable:
+    """Exercise 4.3: the skip wiring, as the UpBlocks' input channels. Lesson: 04_unet."""
+    cases = [Case({"model_channels": mc, "channel_mult": mult, "num_res_blocks": n}, f"{mc}, {mult}, {n} blocks")
+             for mc, mult, n in ((32, (1, 2, 2), 2), (16, (1, 2, 4, 8), 1), (8, (1,), 3), (64, (1, 1, 2), 2))]
+    wrapped = lambda **kw: torch.as_tensor(fn(**kw))  # noqa: E731
+    used = run_check("4.3", wrapped, ref_up_block_in_channels, cases,
+                     "list the skip channels as the encoder pushes them (conv_in, each DownBlock, each "
+                     "Downsample); the decoder pops them from the end, num_res_blocks + 1 per level, deepest level "
+                     "first, and each UpBlock's input is the current channels plus the popped skip's.")
+    return fn if used is wrapped else used
+
+
 ALL_CHECKS: List[Tuple[str, Callable, Callable]] = [
     ("1.1", check_compute_alpha_bar, ref_compute_alpha_bar),
     ("1.2", check_cosine_betas, ref_cosine_betas),
@@ -300,4 +454,10 @@ ALL_CHECKS: List[Tuple[str, Callable, Callable]] = [
     ("3.1", check_simple_loss, ref_simple_loss),
     ("3.2", check_sampling_step, ref_sampling_step),
     ("3.3", check_ddim_step, ref_ddim_step),
+    ("4.1", check_timestep_embedding, ref_timestep_embedding),
+    ("4.2", check_residual_forward, ref_residual_forward),
+    ("4.3", check_up_block_in_channels, ref_up_block_in_channels),
+    ("5.1", check_reparameterize, ref_reparameterize),
+    ("5.2", check_kl_to_standard_normal, ref_kl_to_standard_normal),
+    ("5.3", check_vae_loss, ref_vae_loss),
 ]

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusion_course import checks
 from diffusion_course.checks import ExerciseFailed
@@ -72,6 +73,46 @@ WRONG = {
         lambda eps, xt, alpha_bar_t, alpha_bar_prev: checks.ref_ddim_step(eps, xt, alpha_bar_prev, alpha_bar_t),  # swapped
         lambda eps, xt, alpha_bar_t, alpha_bar_prev: math.sqrt(alpha_bar_prev) * (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # eps not reused
         lambda eps, xt, alpha_bar_t, alpha_bar_prev: (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # returns x0_pred
+    ],
+    "4.1": [
+        lambda t, dim: torch.cat([torch.sin(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2))[None]),
+                                  torch.cos(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2))[None])]
+                                 + ([torch.zeros(len(t), 1)] if dim % 2 else []), 1),           # sines first
+        lambda t, dim: checks.ref_timestep_embedding(t + 1, dim),                                # lecture t instead of index
+        lambda t, dim: torch.cat([torch.cos(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2 - 1))[None]),
+                                  torch.sin(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2 - 1))[None])]
+                                 + ([torch.zeros(len(t), 1)] if dim % 2 else []), 1),           # (half - 1) denominator
+    ],
+    "4.2": [
+        lambda block, x, emb: block.skip(x) + block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x)))))),  # time ignored
+        lambda block, x, emb: block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x))) + block.emb_proj(F.silu(emb))[:, :, None, None]))),  # no skip
+        lambda block, x, emb: block.skip(x) + block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x + 0)))) + block.emb_proj(F.silu(emb))[:, :, None, None])),  # time after the norm
+    ],
+    "4.3": [
+        lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, num_res_blocks) // 2,  # skip forgotten
+        lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, num_res_blocks).flip(0),  # wrong order
+        lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, max(1, num_res_blocks - 1))[:1].repeat(len(channel_mult) * (num_res_blocks + 1)),  # one size for all
+    ],
+    "5.1": [
+        lambda mu, logvar, eps: mu + torch.exp(logvar) * eps,                    # variance instead of std
+        lambda mu, logvar, eps: mu + logvar * eps,                               # logvar used as sigma
+        lambda mu, logvar, eps: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu),  # fresh noise, eps ignored
+    ],
+    "5.2": [
+        lambda mu, logvar: mu ** 2 + torch.exp(logvar) - 1 - logvar,             # no 1/2
+        lambda mu, logvar: 0.5 * (mu ** 2 + torch.exp(logvar) ** 2 - 1 - logvar),  # sigma^4 for sigma^2
+        lambda mu, logvar: 0.5 * (mu ** 2 + torch.exp(logvar) - 1 + logvar),     # sign of log sigma^2
+        lambda mu, logvar: (0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar)).sum(-1),  # summed too early
+    ],
+    "5.3": [
+        lambda x, x_hat, mu, logvar, kl_weight: ((x - x_hat) ** 2).mean()
+        + kl_weight * checks.ref_kl_to_standard_normal(mu, logvar).flatten(1).sum(1).mean(),   # mean over pixels
+        lambda x, x_hat, mu, logvar, kl_weight: ((x - x_hat) ** 2).sum()
+        + kl_weight * checks.ref_kl_to_standard_normal(mu, logvar).sum(),                      # sum over the batch
+        lambda x, x_hat, mu, logvar, kl_weight: ((x - x_hat) ** 2).flatten(1).sum(1).mean()
+        + kl_weight * checks.ref_kl_to_standard_normal(mu, logvar).mean(),                     # KL mean over dims
+        lambda x, x_hat, mu, logvar, kl_weight: kl_weight * ((x - x_hat) ** 2).flatten(1).sum(1).mean()
+        + checks.ref_kl_to_standard_normal(mu, logvar).flatten(1).sum(1).mean(),               # weight on recon
     ],
 }
 

@@ -16,11 +16,10 @@ Layout (image of side S, L = len(channel_mult) levels, ds the current down-sampl
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionBlock
