@@ -82,6 +82,25 @@ def show_strip(frames: torch.Tensor, labels: Sequence[str], title: str = "", row
     return fig
 
 
+def _jshtml(fig, ax, draw, labels: Sequence[str], title: str, interval: int, n_frames: int) -> str:
+    """Play ``draw(k)`` for every frame k as an HTML/JavaScript animation, each frame titled, and close ``fig``."""
+    from matplotlib.animation import FuncAnimation
+
+    if len(labels) != n_frames:
+        plt.close(fig)
+        raise ValueError(f"{n_frames} frames but {len(labels)} labels")
+
+    def update(k: int):
+        artist = draw(k)
+        ax.set_title(f"{title} {labels[k]}".strip())
+        return (artist,)
+
+    anim = FuncAnimation(fig, update, frames=len(labels), interval=interval, blit=False)
+    html = anim.to_jshtml()
+    plt.close(fig)
+    return html
+
+
 def animate_images(frames: torch.Tensor, labels: Sequence[str], nrow: Optional[int] = None,
                    interval: int = 120, title: str = "") -> str:
     """An HTML/JavaScript animation (``FuncAnimation.to_jshtml``; no ffmpeg) of frames ``(K, B, C, H, W)``,
@@ -89,24 +108,18 @@ def animate_images(frames: torch.Tensor, labels: Sequence[str], nrow: Optional[i
 
     Lesson: 00_setup.
     """
-    from matplotlib.animation import FuncAnimation
-
     grids = [make_grid(f, nrow) for f in torch.as_tensor(frames)]
     fig, ax = plt.subplots(figsize=(4, 4))
     g0 = grids[0]
     im = ax.imshow(g0.squeeze(-1) if g0.shape[-1] == 1 else g0, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
 
-    def update(k: int):
+    def draw(k: int):
         g = grids[k]
         im.set_data(g.squeeze(-1) if g.shape[-1] == 1 else g)
-        ax.set_title(f"{title} {labels[k]}".strip())
-        return (im,)
+        return im
 
-    anim = FuncAnimation(fig, update, frames=len(grids), interval=interval, blit=False)
-    html = anim.to_jshtml()
-    plt.close(fig)
-    return html
+    return _jshtml(fig, ax, draw, labels, title, interval, len(grids))
 
 
 def animate_points(frames: torch.Tensor, labels: Sequence[str], lim: float = 3.0, interval: int = 120,
@@ -115,8 +128,6 @@ def animate_points(frames: torch.Tensor, labels: Sequence[str], lim: float = 3.0
 
     Lesson: 03_training_and_sampling.
     """
-    from matplotlib.animation import FuncAnimation
-
     pts = torch.as_tensor(frames).detach().cpu().numpy()
     fig, ax = plt.subplots(figsize=(4, 4))
     sc = ax.scatter(pts[0, :, 0], pts[0, :, 1], s=3)
@@ -126,15 +137,11 @@ def animate_points(frames: torch.Tensor, labels: Sequence[str], lim: float = 3.0
     ax.set_ylabel("x[1]")
     ax.set_aspect("equal")
 
-    def update(k: int):
+    def draw(k: int):
         sc.set_offsets(pts[k])
-        ax.set_title(f"{title} {labels[k]}".strip())
-        return (sc,)
+        return sc
 
-    anim = FuncAnimation(fig, update, frames=len(pts), interval=interval, blit=False)
-    html = anim.to_jshtml()
-    plt.close(fig)
-    return html
+    return _jshtml(fig, ax, draw, labels, title, interval, len(pts))
 
 
 def plot_loss(losses: Sequence[float], title: str = "training loss", smooth: int = 50, ax=None):
