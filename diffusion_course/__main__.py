@@ -4,6 +4,7 @@
 * ``build [--check]``  build the learners' notebooks and the README's lesson table (see ``exercises``)
 * ``train``, ``sample`` train a U-Net, continue a run, write a grid of samples (see ``training``)
 * ``train-classifier`` train the digit classifier behind the sample-quality measure (see ``metrics``)
+* ``train-autoencoder``, ``export-autoencoder`` train and ship the lesson-06 autoencoder (see ``ae_training``)
 
 Other modules add their own commands (training, sampling, ...): each module named in ``COMMAND_MODULES``
 defines ``register_cli(subparsers)``, which adds its sub-parsers with ``set_defaults(func=handler)``;
@@ -16,7 +17,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMAND_MODULES: tuple = ("diffusion_course.training", "diffusion_course.pretrained", "diffusion_course.metrics")
+COMMAND_MODULES: tuple = ("diffusion_course.training", "diffusion_course.pretrained", "diffusion_course.metrics",
+                          "diffusion_course.ae_training")
 
 
 def _env(args: argparse.Namespace) -> int:

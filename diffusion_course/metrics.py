@@ -360,6 +360,25 @@ def split_half_floor(reference_images: torch.Tensor, classifier: DigitClassifier
                 n_reference=len(reference_images))
 
 
+def real_data_floor(real_images: torch.Tensor, reference_images: torch.Tensor, classifier: DigitClassifier,
+                    n: int, repeats: int = 3, seed: int = 0, threshold: float = 0.9) -> Dict[str, Any]:
+    """What a perfect generator would score: :func:`sample_quality` of ``n`` *real* images (random subsets of
+    ``real_images``, e.g. the training split, one per repeat) against ``reference_images`` (e.g. the test
+    split), with the same sample counts as a generated set of ``n``. Returns ``fd``, ``fd_std``,
+    ``confident_share``, ``n_samples``, ``n_reference`` and ``repeats``. Lesson: 04_unet."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not 2 <= n <= len(real_images):
+        raise ValueError(f"n must lie in [2, {len(real_images)}] (the real images available), got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    runs = [sample_quality(real_images[torch.randperm(len(real_images), generator=gen)[:n]], reference_images,
+                           classifier, threshold=threshold) for _ in range(repeats)]
+    fds = torch.tensor([r["fd"] for r in runs], dtype=torch.float64)
+    return dict(fd=fds.mean().item(), fd_std=fds.std().item() if repeats > 1 else 0.0,
+                confident_share=sum(r["confident_share"] for r in runs) / repeats, n_samples=n,
+                n_reference=len(reference_images), repeats=repeats)
+
+
 def format_quality(result: Dict[str, Any]) -> str:
     """One line for a :func:`sample_quality` result, with its sample counts and reference. Lesson: 04_unet."""
     return (f"FD {result['fd']:.3f} ({result['n_samples']} samples vs {result['n_reference']} images of "

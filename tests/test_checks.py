@@ -114,6 +114,30 @@ WRONG = {
         lambda x, x_hat, mu, logvar, kl_weight: kl_weight * ((x - x_hat) ** 2).flatten(1).sum(1).mean()
         + checks.ref_kl_to_standard_normal(mu, logvar).flatten(1).sum(1).mean(),               # weight on recon
     ],
+    "6.1": [
+        lambda z, codebook: checks.ref_vq_quantize(z, codebook).detach(),       # no gradient to the encoder
+        lambda z, codebook: codebook[(z.permute(0, 2, 3, 1) @ codebook.t()).argmax(-1)].permute(0, 3, 1, 2)
+        + 0 * z,                                                                # most similar, not nearest
+        lambda z, codebook: z + (codebook[((z.permute(0, 2, 3, 1)[..., None, :] - codebook) ** 2).sum(-1)
+                                          .argmin(-1)].permute(0, 3, 1, 2) - z),  # no stop-gradient: grad is 0
+        lambda z, codebook: codebook[((z.reshape(-1, z.shape[1])[:, None] - codebook) ** 2).sum(-1).argmin(-1)]
+        .reshape(z.shape) + z - z.detach(),                                     # channels not moved last
+    ],
+    "6.2": [
+        lambda logits_real, logits_fake: F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean(),  # no 1/2
+        lambda logits_real, logits_fake: 0.5 * (F.relu(1 + logits_real).mean() + F.relu(1 - logits_fake).mean()),  # swapped
+        lambda logits_real, logits_fake: 0.5 * ((1 - logits_real).mean() + (1 + logits_fake).mean()),  # no hinge
+    ],
+    "6.3": [
+        lambda rec_loss, g_loss, last_layer: checks.ref_adaptive_weight(g_loss, rec_loss, last_layer),  # inverted
+        lambda rec_loss, g_loss, last_layer: (torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0].norm()
+                                              / (torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].norm()
+                                                 + 1e-4)).detach(),              # no clamp
+        lambda rec_loss, g_loss, last_layer: (rec_loss.abs() / (g_loss.abs() + 1e-4)).clamp(0, 1e4).detach(),  # losses, not gradients
+        lambda rec_loss, g_loss, last_layer: (torch.autograd.grad(rec_loss, last_layer, retain_graph=True, create_graph=True)[0].norm()
+                                              / (torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].norm()
+                                                 + 1e-4)).clamp(0, 1e4),         # not detached
+    ],
 }
 
 

@@ -118,6 +118,22 @@ def test_split_half_floor_is_small_but_positive(classifier, test_set):
     assert 0 < floor["fd"] < 0.05 * noisy
 
 
+def test_real_data_floor_uses_equal_sample_counts_and_sits_far_below_noise(classifier, test_set):
+    train = get_dataset("digits", image_size=32, split="train").images
+    floor = metrics.real_data_floor(train, test_set.images, classifier, n=200, repeats=3)
+    noisy = metrics.sample_quality(noise(200), test_set.images, classifier)
+    print(f"floor with 200 real training digits: FD {floor['fd']:.3f} +- {floor['fd_std']:.3f}")
+    assert (floor["n_samples"], floor["n_reference"], floor["repeats"]) == (200, len(test_set), 3)
+    assert 0 < floor["fd"] < 0.05 * noisy["fd"] and floor["fd_std"] > 0
+    assert floor["confident_share"] > 0.8 > noisy["confident_share"]
+    again = metrics.real_data_floor(train, test_set.images, classifier, n=200, repeats=3)
+    assert again["fd"] == floor["fd"]                        # seeded subsets
+    with pytest.raises(ValueError, match="n must lie"):
+        metrics.real_data_floor(train, test_set.images, classifier, n=len(train) + 1)
+    with pytest.raises(ValueError, match="repeats"):
+        metrics.real_data_floor(train, test_set.images, classifier, n=10, repeats=0)
+
+
 def test_clear_errors_for_bad_input(classifier, test_set):
     x = test_set.images
     with pytest.raises(ValueError, match="at least 2 samples"):

@@ -53,3 +53,23 @@ def test_shipped_models_load():
         size = config["unet"]["image_size"]
         x = torch.randn(1, config["unet"]["in_channels"], size, size)
         assert model(x, torch.zeros(1, dtype=torch.long)).shape == x.shape
+
+
+def test_the_shipped_ddpm_makes_recognisable_digits():
+    """DDIM with 25 steps from the shipped 16x16 digit model, judged like lesson 04 judges it: close to the
+    real digits' floor and far from an untrained model (FD about 50) or noise (FD about 100)."""
+    from diffusion_course import data, metrics
+
+    assert "ddpm_digits16" in pretrained.available()
+    model, diffusion, config = pretrained.load_pretrained("ddpm_digits16", device="cpu")
+    assert config["step"] == 6000 and config["unet"]["image_size"] == 16
+    folder = pretrained.ASSETS / "ddpm_digits16"
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 5_000_000
+    x = diffusion.ddim_sample(model, (200, 1, 16, 16), steps=25, generator=torch.Generator().manual_seed(0),
+                              progress=False).clamp(-1, 1)
+    clf = metrics.load_digit_classifier(32)
+    ref = data.resize(data.get_dataset("digits", image_size=16, split="test").images, 32)
+    q = metrics.sample_quality(data.resize(x, 32), ref, clf, reference_name="digits test split")
+    print(metrics.format_quality(q))
+    assert q["fd"] < 3.0 and q["confident_share"] > 0.75
+    assert min(q["class_histogram"]) >= 5                    # every digit class appears

@@ -1,0 +1,130 @@
+"""Sample quality and speed of a shipped DDPM digit model: DDPM (all T steps) against DDIM at several step counts.
+
+For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
+measures, with the package's digit classifier (``diffusion_course.metrics``):
+
+* the Fréchet distance (FD) in the classifier's feature space against the real **test split** of the digits;
+* the share of samples the classifier gives some class with probability >= 0.9 ("confident");
+* the wall time and images per second of sampling.
+
+Two floors say what a perfect generator would reach:
+
+* ``real train digits``: ``--n`` real *training* digits (random subsets, one per seed) against the same test
+  split, the same sample counts as the generated sets. This is the floor to compare with;
+* ``split-half``: the test split's own two halves against each other (fewer samples, so a higher number).
+
+Real digits go through the same resizing as the model's samples (8x8 -> model size -> 32x32), so the only
+difference between a generated and a real set is where the images came from.
+
+    python benchmarks/bench_samplers.py --model ddpm_digits16 --n 1000 --seeds 3 --json samplers.json
+    python benchmarks/bench_samplers.py --model ddpm_digits16 --n 64 --seeds 1 --ddim 10,50   # quick, CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from diffusion_course import data, metrics, pretrained, utils  # noqa: E402
+
+
+def parse_steps(text: str) -> List[int]:
+    steps = [int(s) for s in text.split(",") if s.strip()]
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive step counts, got {text!r}")
+    return steps
+
+
+def main(argv: Any = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="ddpm_digits16", help="shipped model name or exported folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--n", type=int, default=1000, help="generated samples per sampler and seed")
+    p.add_argument("--seeds", type=int, default=3, help="repeats with different noise")
+    p.add_argument("--ddim", type=parse_steps, default=parse_steps("10,25,50,100,250"), help="DDIM step counts")
+    p.add_argument("--no-ddpm", action="store_true", help="skip the T-step ancestral sampler")
+    p.add_argument("--batch", type=int, default=1000, help="images per sampling batch")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.seeds < 1 or args.batch < 1:
+        p.error("--n must be >= 2, --seeds and --batch >= 1")
+
+    device = torch.device(args.device) if args.device else utils.get_device()
+    model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
+    size = config["unet"]["image_size"]
+    to32 = lambda x: data.resize(x.float().cpu(), 32)  # noqa: E731
+    train_real = data.get_dataset("digits", image_size=size, split="train").images
+    ref = to32(data.get_dataset("digits", image_size=size, split="test").images)
+    if args.n > len(train_real):
+        p.error(f"--n {args.n} exceeds the {len(train_real)} real training digits the floor needs")
+    clf = metrics.load_digit_classifier(32)
+    print(f"model {args.model} (step {config['step']}), {size}x{size}, T = {diffusion.T}, device {device}; "
+          f"reference: digits test split, {len(ref)} images; {args.n} samples per run, {args.seeds} seeds")
+
+    def summary(values: List[float]) -> Dict[str, float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        return dict(mean=t.mean().item(), std=t.std().item() if len(values) > 1 else 0.0)
+
+    rows: List[Dict[str, Any]] = []
+    to32_train = to32(train_real)
+    floor = metrics.real_data_floor(to32_train, ref, clf, n=args.n, repeats=args.seeds, seed=1000)
+    rows.append(dict(sampler="real train digits", steps=0, fd=dict(mean=floor["fd"], std=floor["fd_std"]),
+                     confident=dict(mean=floor["confident_share"], std=0.0), seconds=None, images_per_s=None))
+    half = metrics.split_half_floor(ref, clf, repeats=5)
+    print(f"floor, real train digits: FD {rows[0]['fd']['mean']:.3f} ± {rows[0]['fd']['std']:.3f}; "
+          f"split-half of the test split ({half['n_half']} vs {half['n_half']}): {half['fd']:.3f} ± {half['fd_std']:.3f}")
+
+    runs = ([] if args.no_ddpm else [("DDPM", diffusion.T)]) + [("DDIM", s) for s in args.ddim]
+    for name, steps in runs:
+        fds, confs, secs = [], [], []
+        for seed in range(args.seeds):
+            g = torch.Generator().manual_seed(seed)
+            out = []
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for start in range(0, args.n, args.batch):
+                shape = (min(args.batch, args.n - start), 1, size, size)
+                if name == "DDPM":
+                    out.append(diffusion.sample(model, shape, generator=g, device=device, progress=False))
+                else:
+                    out.append(diffusion.ddim_sample(model, shape, steps=steps, generator=g, device=device,
+                                                      progress=False))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            secs.append(time.perf_counter() - t0)
+            q = metrics.sample_quality(to32(torch.cat(out).clamp(-1, 1)), ref, clf, reference_name="digits test split")
+            fds.append(q["fd"])
+            confs.append(q["confident_share"])
+        row = dict(sampler=name, steps=steps, fd=summary(fds), confident=summary(confs),
+                   seconds=summary(secs), images_per_s=args.n / summary(secs)["mean"])
+        rows.append(row)
+        print(f"{name:>4} {steps:>5} steps: FD {row['fd']['mean']:.3f} ± {row['fd']['std']:.3f}, confident "
+              f"{row['confident']['mean']:.1%}, {row['seconds']['mean']:.2f} s per {args.n} samples "
+              f"({row['images_per_s']:.0f} images/s)")
+
+    print("\n| sampler | network calls | FD (mean ± std) | confident | images/s |\n| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        calls = r["steps"] or "-"
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
+        print(f"| {r['sampler']} | {calls} | {r['fd']['mean']:.3f} ± {r['fd']['std']:.3f} | "
+              f"{r['confident']['mean']:.1%} | {ips} |")
+    result = dict(model=args.model, step=config["step"], device=str(device),
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                  torch=torch.__version__, n=args.n, seeds=args.seeds, n_reference=len(ref),
+                  reference="digits test split", split_half=half, rows=rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
