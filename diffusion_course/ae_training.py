@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .autoencoder import REGULARIZERS, Autoencoder, AutoencoderConfig, latent_scale_factor
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .losses import AutoencoderLoss, PerceptualLoss
-from .utils import get_device
+from .utils import dataclass_from_dict, get_device
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 HISTORY_KEYS = ("loss", "rec", "reg", "g", "d", "d_weight", "perplexity", "usage")
@@ -76,10 +76,7 @@ class AETrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "AETrainConfig":
         """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 06_ldm_autoencoder."""
-        extra = set(d) - {f.name for f in fields(cls)}
-        if extra:
-            raise ValueError(f"unknown autoencoder training keys: {sorted(extra)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "autoencoder training")
 
 
 RESUMABLE = ("steps", "checkpoint_every", "out", "device", "progress")  # may change when a run resumes

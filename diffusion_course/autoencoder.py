@@ -25,7 +25,7 @@ Layout, with L = len(channel_mult) levels and f = 2 ** (L - 1):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -33,13 +33,14 @@ from torch import nn
 
 from .nn.attention import AttentionBlock
 from .nn.blocks import Downsample, ResidualBlock, Upsample, group_norm
-from .vae import LOGVAR_RANGE, kl_to_standard_normal
+from .utils import dataclass_from_dict
+from .vae import LOGVAR_RANGE, LatentGeometry, kl_to_standard_normal
 
 REGULARIZERS = ("kl", "vq")
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(LatentGeometry):
     """Every choice of the autoencoder. ``channel_mult`` sets the levels and so the down-sampling factor
     f = 2 ** (len(channel_mult) - 1); :meth:`for_factor` builds one for f = 4, 8 or 16. ``regularizer``
     is ``"kl"`` or ``"vq"``; ``n_embed`` is the VQ codebook size K and ``beta`` the commitment weight.
@@ -91,34 +92,15 @@ class AutoencoderConfig:
         return cls(channel_mult=mult, **kwargs)
 
     @property
-    def downsampling_factor(self) -> int:
-        """f = H / h = 2 ** (levels - 1)."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
     def latent_shape(self) -> Tuple[int, int, int]:
-        """The shape of one z: ``(c, h, w)`` with h = w = image_size / f."""
+        """The shape of one z: ``(c, h, w)`` with h = w = image_size / f (so compression = f^2 C / c)."""
         h = self.image_size // self.downsampling_factor
         return (self.latent_channels, h, h)
-
-    @property
-    def compression_ratio(self) -> float:
-        """Numbers in an image over numbers in its latent: f^2 * in_channels / c."""
-        return self.in_channels * self.image_size ** 2 / math.prod(self.latent_shape)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict (tuples as lists). Lesson: 06_ldm_autoencoder."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "AutoencoderConfig":
         """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 06_ldm_autoencoder."""
-        extra = set(d) - set(cls.__dataclass_fields__)
-        if extra:
-            raise ValueError(f"unknown autoencoder configuration keys: {sorted(extra)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "autoencoder configuration")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,20 +165,37 @@ class VectorQuantizer(nn.Module):
         codebook   || sg[z] - e ||^2      moves the codes towards the encoder's outputs
         commitment || z - sg[e] ||^2      keeps the encoder close to its codes; ``beta`` (0.25) multiplies it
 
-    (sg = stop-gradient; both summed over the latent elements, per image.) Lesson: 06_ldm_autoencoder.
+    (sg = stop-gradient; both summed over the latent elements, per image.)
+
+    With ``data_init=True`` the codebook is set, at the first training batch, to randomly chosen encoder
+    outputs of that batch. The usual small uniform initialisation leaves most codes far from every encoder
+    output, so they are never chosen and never move ("dead codes"); starting on the data avoids most of
+    that. The flag ``initialized`` is a buffer, so checkpoints keep it. Lesson: 06_ldm_autoencoder.
     """
 
-    def __init__(self, n_embed: int, dim: int, beta: float = 0.25) -> None:
+    def __init__(self, n_embed: int, dim: int, beta: float = 0.25, data_init: bool = True) -> None:
         super().__init__()
         self.n_embed, self.dim, self.beta = n_embed, dim, beta
         self.codebook = nn.Embedding(n_embed, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / n_embed, 1.0 / n_embed)
+        self.register_buffer("initialized", torch.tensor(not data_init))
+
+    @torch.no_grad()
+    def init_from(self, z: torch.Tensor) -> None:
+        """Set the codebook to K encoder outputs drawn at random from ``z`` ``(B, c, h, w)`` (with replacement
+        when there are fewer than K). Lesson: 06_ldm_autoencoder."""
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, self.dim)
+        idx = torch.randint(len(flat), (self.n_embed,)) if len(flat) < self.n_embed else torch.randperm(len(flat))[: self.n_embed]
+        self.codebook.weight.copy_(flat[idx.to(flat.device)])
+        self.initialized.fill_(True)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, h, w)`` -> vectors ``(B, c, h, w)``. Lesson: 06_ldm_autoencoder."""
         return self.codebook(indices).permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor) -> Quantized:
+        if self.training and not bool(self.initialized):
+            self.init_from(z)
         indices = nearest_code(z, self.codebook.weight)
         e = self.lookup(indices)
         codebook_loss = (z.detach() - e).pow(2).flatten(1).sum(1)
@@ -304,6 +303,7 @@ class Autoencoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters. Lesson: 06_ldm_autoencoder."""
         return next(self.parameters()).device
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:

@@ -65,7 +65,8 @@ class PerceptualLoss(nn.Module):
 
     Weights (``source`` says which were used):
     * ``weights_path``: a file with torchvision's VGG16 state dict (safetensors, or ``torch.save``);
-    * else ImageNet weights from the torch hub cache if they are there, or downloaded when ``download=True``;
+    * else ImageNet weights from the torch hub cache if they are there, or downloaded when ``download=True``
+      (a failed download falls back to the next line, with a warning);
     * else (offline) a VGG16 with **random** weights from a fixed seed, and a warning. Random convolutions
       still respond to edges and texture at several scales, but this is not LPIPS: its numbers are not
       comparable with published ones (lesson 06 measures how it ranks blur against noise).
@@ -96,8 +97,12 @@ class PerceptualLoss(nn.Module):
         elif download:
             from torchvision.models import VGG16_Weights
 
-            net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1)  # raises plainly when offline
-            self.source = "ImageNet VGG16 (torchvision, downloaded)"
+            try:
+                net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1)
+                self.source = "ImageNet VGG16 (torchvision, downloaded)"
+            except Exception as e:  # offline, or the download broke off: say so and go on without
+                self.source = (f"random weights (seed {seed}): downloading the ImageNet VGG16 weights failed "
+                               f"({type(e).__name__}: {e})")
         if state is not None:
             net.load_state_dict(state)
         if self.source.startswith("random"):

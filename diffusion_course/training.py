@@ -23,7 +23,7 @@ import contextlib
 import copy
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -39,7 +39,7 @@ from .distributed import (barrier, gather_objects, leave_process_group, main_pro
 from .ddpm import GaussianDiffusion
 from .nn import UNet, UNetConfig
 from .schedules import SCHEDULES
-from .utils import get_device
+from .utils import dataclass_from_dict, get_device
 from .viz import make_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -113,10 +113,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
-        extra = set(d) - {f.name for f in fields(cls)}
-        if extra:
-            raise ValueError(f"unknown training configuration keys: {sorted(extra)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training configuration")
 
 
 # ----------------------------------------------------------------------------------------------

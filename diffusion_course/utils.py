@@ -11,7 +11,8 @@ import platform
 import random
 import sys
 import warnings
-from typing import Any, Dict, Optional
+from dataclasses import fields
+from typing import Any, Dict, Optional, Type, TypeVar
 
 import numpy as np
 import torch
@@ -141,3 +142,15 @@ def env_report(print_report: bool = True) -> Dict[str, str]:
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters of a module. Lesson: 03_training_and_sampling."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: Type[T], d: Dict[str, Any], what: str) -> T:
+    """Build the configuration dataclass ``cls`` from a dict (e.g. read from a checkpoint); keys that ``cls``
+    lacks are an error naming ``what`` ("U-Net configuration", ...). Lesson: 04_unet."""
+    extra = set(d) - {f.name for f in fields(cls)}
+    if extra:
+        raise ValueError(f"unknown {what} keys: {sorted(extra)}")
+    return cls(**d)

@@ -37,7 +37,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -47,8 +46,29 @@ from .nn.blocks import Downsample, ResidualBlock, Upsample, group_norm
 LOGVAR_RANGE = (-30.0, 20.0)  # log sigma^2 is clamped here, so that exp() can neither overflow nor vanish
 
 
+class LatentGeometry:
+    """What the VAE (lesson 05) and the LDM autoencoder (lesson 06) configurations share: levels set by
+    ``channel_mult``, so f = 2 ** (levels - 1), and a ``latent_shape`` defined by each. Lesson: 05_vae."""
+
+    @property
+    def downsampling_factor(self) -> int:
+        """f = image_size / latent resolution = 2 ** (levels - 1)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Numbers in an image x over numbers in its code z."""
+        return self.in_channels * self.image_size ** 2 / math.prod(self.latent_shape)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly dict (tuples as lists). Lesson: 05_vae."""
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+
 @dataclass
-class VAEConfig:
+class VAEConfig(LatentGeometry):
     """Every choice of the VAE. ``latent_dim`` set: a vector latent ``(latent_dim,)``; ``latent_dim=None``:
     a spatial latent ``(latent_channels, image_size / f, image_size / f)`` with f = 2 ** (levels - 1).
     ``variational=False`` makes the plain autoencoder (z = mu, no KL). Lesson: 05_vae.
@@ -84,28 +104,12 @@ class VAEConfig:
                              f"(2 ** (len(channel_mult) - 1)); use a multiple of {f} or fewer levels in channel_mult")
 
     @property
-    def downsampling_factor(self) -> int:
-        """f = image_size / latent resolution = 2 ** (levels - 1)."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
     def latent_shape(self) -> Tuple[int, ...]:
         """The shape of one z: ``(latent_dim,)`` or ``(latent_channels, h, w)``."""
         if self.latent_dim is not None:
             return (self.latent_dim,)
         h = self.image_size // self.downsampling_factor
         return (self.latent_channels, h, h)
-
-    @property
-    def compression_ratio(self) -> float:
-        """Numbers in an image x over numbers in its code z."""
-        return self.in_channels * self.image_size ** 2 / math.prod(self.latent_shape)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict (tuples as lists). Lesson: 05_vae."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_nearest_code_against_brute_force_and_perplexity():
     z, codebook = torch.randn(2, 3, 5, 5, generator=g), torch.randn(7, 3, generator=g)
     brute = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), codebook).argmin(1).reshape(2, 5, 5)
     assert torch.equal(nearest_code(z, codebook), brute)
-    vq = VectorQuantizer(4, 2)
+    vq = VectorQuantizer(4, 2, data_init=False)
     with torch.no_grad():
         vq.codebook.weight.copy_(torch.tensor([[0.0, 0], [1, 0], [0, 1], [1, 1]]))
     uniform = vq.codebook.weight.t().reshape(1, 2, 2, 2)    # each code once
@@ -112,6 +112,21 @@ def test_straight_through_gradient_and_which_loss_moves_what():
     assert gz_c is None and gw_c.abs().sum() > 0                # the codebook loss moves only the codes
     gz_m, gw_m = torch.autograd.grad(q.commitment_loss.sum(), [z, vq.codebook.weight], allow_unused=True)
     assert gw_m is None and gz_m.abs().sum() > 0                # the commitment loss moves only the encoder
+
+
+def test_the_codebook_starts_on_the_data_in_training_only():
+    z = torch.randn(2, 3, 4, 4)
+    vq = VectorQuantizer(8, 3).eval()
+    before = vq.codebook.weight.clone()
+    vq(z)
+    assert torch.equal(vq.codebook.weight, before) and not vq.initialized    # eval: untouched
+    vq.train()
+    q = vq(z)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert vq.initialized and "initialized" in vq.state_dict()
+    assert all((rows == code).all(1).any() for code in vq.codebook.weight)  # every code is an encoder output
+    assert q.usage.item() == 1.0                                            # so every code is used at first
+    assert q.commitment_loss.min() >= 0
 
 
 def test_the_quantiser_belongs_to_the_decoder():
@@ -262,3 +277,24 @@ def test_the_command_line_trains_resumes_and_exports(tmp_path):
     assert main(["export-autoencoder", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 0
     model, config = load_autoencoder(tmp_path / "a", device="cpu")
     assert config["step"] == 3 and config["autoencoder"]["latent_channels"] == 2
+
+
+def test_perceptual_loss_offline_paths(monkeypatch, tmp_path):
+    import torchvision.models
+
+    real_vgg16 = torchvision.models.vgg16
+
+    def offline_vgg16(weights=None):
+        if weights is not None:
+            raise OSError("no network")
+        return real_vgg16(weights=None)
+
+    monkeypatch.setattr(torchvision.models, "vgg16", offline_vgg16)
+    monkeypatch.setattr("diffusion_course.losses._vgg16_checkpoint", lambda: tmp_path / "absent.pth")
+    with pytest.warns(UserWarning, match="random weights"):
+        loss = PerceptualLoss(layers=("relu1_2",), download=True)
+    assert loss.source.startswith("random") and "OSError: no network" in loss.source
+    with pytest.warns(UserWarning, match="random weights"):
+        assert PerceptualLoss(layers=("relu1_2",)).source.startswith("random weights (seed 0)")
+    with pytest.raises(FileNotFoundError, match="no VGG16 weights file"):
+        PerceptualLoss(weights_path=tmp_path / "missing.safetensors")

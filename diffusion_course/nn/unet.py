@@ -16,7 +16,7 @@ Layout (image of side S, L = len(channel_mult) levels, ds the current down-sampl
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from .attention import AttentionBlock
 from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample, group_norm, zero_module
 from .embedding import TimeEmbedding
+from ..utils import dataclass_from_dict
 
 Modulation = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -81,11 +82,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "UNetConfig":
         """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown U-Net configuration keys: {sorted(extra)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "U-Net configuration")
 
 
 class UNet(nn.Module):
