@@ -255,8 +255,10 @@ class AutoencoderLoss(nn.Module):
         factor = disc_factor(step, self.disc_start)
         if self.discriminator is not None and factor > 0:
             g_loss = -self.discriminator(out.x_rec).mean()
-            weight = adaptive_weight(rec, g_loss, last_layer) * self.disc_weight if torch.is_grad_enabled() \
-                else torch.tensor(self.disc_weight)
+            if torch.is_grad_enabled():
+                weight = adaptive_weight(rec, g_loss, last_layer) * self.disc_weight
+            else:  # evaluating without gradients: lambda cannot be measured, so the GAN term counts with lambda = 1
+                weight = torch.tensor(self.disc_weight)
             loss = loss + weight * factor * g_loss
             logs.update(g=g_loss.item(), d_weight=weight.item())
         return loss, logs

@@ -199,6 +199,9 @@ def test_autoencoder_loss_before_and_after_the_discriminator_starts(perceptual):
     late, logs = loss_fn.autoencoder_loss(x, out, 5, model.decoder.last_layer, "kl")
     assert logs["d_weight"] > 0 and late.item() != pytest.approx(early.item())
     assert loss_fn.discriminator_loss(x, out.x_rec, 5).item() > 0
+    with torch.no_grad():                                   # no gradients to measure lambda with: lambda = 1
+        _, logs = loss_fn.autoencoder_loss(x, model(x), 5, model.decoder.last_layer, "kl")
+    assert logs["d_weight"] == pytest.approx(0.5)
 
 
 def _trainer(out=None, steps=6, reg="kl"):
