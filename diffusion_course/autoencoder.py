@@ -165,7 +165,9 @@ class VectorQuantizer(nn.Module):
         codebook   || sg[z] - e ||^2      moves the codes towards the encoder's outputs
         commitment || z - sg[e] ||^2      keeps the encoder close to its codes; ``beta`` (0.25) multiplies it
 
-    (sg = stop-gradient; both summed over the latent elements, per image.)
+    (sg = stop-gradient; both summed over the latent elements, per image, like every loss in this module.
+    Implementations such as VQGAN's average them over the elements instead, which weighs them differently
+    against a summed reconstruction loss; ``codebook_weight`` in :mod:`diffusion_course.losses` sets the balance.)
 
     With ``data_init=True`` the codebook is set, at the first training batch, to randomly chosen encoder
     outputs of that batch. The usual small uniform initialisation leaves most codes far from every encoder
