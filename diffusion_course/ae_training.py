@@ -15,23 +15,21 @@ atomically; a resumed run ends with the same weights as an uninterrupted one (on
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import REGULARIZERS, Autoencoder, AutoencoderConfig, latent_scale_factor
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .losses import AutoencoderLoss, PerceptualLoss
+from .pretrained import add_export_arguments, export_cli, read_asset, write_asset
 from .utils import dataclass_from_dict, get_device
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 HISTORY_KEYS = ("loss", "rec", "reg", "g", "d", "d_weight", "perplexity", "usage")
 
 
@@ -213,14 +211,9 @@ def export_autoencoder(run_dir: Union[str, Path], out_dir: Union[str, Path], com
     model.load_state_dict(groups["model"])
     train = meta["config"]["train"]
     images = get_dataset(train["dataset"], train["image_size"]).images
-    out = Path(out_dir)
-    weights = {k: v.contiguous() for k, v in groups["model"].items()}
-    ckpt.atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, tmp))
-    ckpt.write_json(out / "config.json", {**meta["config"], "step": int(meta["trainer_state"]["step"]),
-                                          "scale_factor": latent_scale_factor(model, images)})
-    if command:
-        ckpt.atomic_write(out / "COMMAND.txt", lambda tmp: Path(tmp).write_text(command.rstrip() + "\n"))
-    return out
+    config = {**meta["config"], "step": int(meta["trainer_state"]["step"]),
+              "scale_factor": latent_scale_factor(model, images)}
+    return write_asset(out_dir, groups["model"], config, command)
 
 
 def load_autoencoder(name: Union[str, Path], device: Optional[Union[str, torch.device]] = None
@@ -228,19 +221,11 @@ def load_autoencoder(name: Union[str, Path], device: Optional[Union[str, torch.d
     """A shipped autoencoder by name (or an exported folder by path): ``(Autoencoder in eval mode, config
     dict)``; the dict holds ``train``, ``autoencoder``, ``step``, ``scale_factor`` and ``command``.
     Lesson: 06_ldm_autoencoder."""
-    folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
-    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
-        shipped = sorted(p.name for p in ASSETS.glob("*") if (p / "config.json").is_file()
-                         and "autoencoder" in json.loads((p / "config.json").read_text()))
-        raise ValueError(f"no shipped autoencoder {str(name)!r}; available: {', '.join(shipped) or 'none'}")
-    config = json.loads((folder / "config.json").read_text())
-    if "autoencoder" not in config:
-        raise ValueError(f"{folder} holds no autoencoder (is it a DDPM model? use pretrained.load_pretrained)")
+    state, config = read_asset(name, "autoencoder")
     model = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(state)
     model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
-    command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
-    return model, {**config, "command": command}
+    return model, config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,16 +262,6 @@ def _train_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_cli(args: argparse.Namespace) -> int:
-    if not (args.out or args.name):
-        raise SystemExit("give --name (a package asset) or --out (a folder)")
-    out = Path(args.out) if args.out else ASSETS / args.name
-    command = Path(args.command_file).read_text() if args.command_file else (args.command or "")
-    export_autoencoder(args.checkpoint, out, command)
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
-
-
 def register_cli(subparsers: Any) -> None:
     """Add the ``train-autoencoder`` and ``export-autoencoder`` commands. Lesson: 06_ldm_autoencoder."""
     d = AETrainConfig()
@@ -311,9 +286,5 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_cli)
     e = subparsers.add_parser("export-autoencoder", help="ship an autoencoder run's weights as a package asset")
-    e.add_argument("--checkpoint", required=True, help="run folder written by train-autoencoder")
-    e.add_argument("--name", default=None, help="asset name (writes diffusion_course/assets/NAME)")
-    e.add_argument("--out", default=None, help="folder to write instead of the package's assets")
-    e.add_argument("--command", default=None, help="the command(s) that trained the run, for COMMAND.txt")
-    e.add_argument("--command-file", default=None, help="read COMMAND.txt's text from this file")
-    e.set_defaults(func=_export_cli)
+    add_export_arguments(e, "train-autoencoder")
+    e.set_defaults(func=lambda args: export_cli(args, export_autoencoder))

@@ -341,12 +341,17 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """D(E(x)) in eval mode with the posterior mean, batch by batch, on the CPU. Lesson: 06_ldm_autoencoder."""
-        was = self.training
-        self.eval()
-        out = torch.cat([self.decode(self.encode(x[i:i + batch_size].to(self.device))).float().cpu()
-                         for i in range(0, len(x), batch_size)])
-        self.train(was)
-        return out
+        return _in_batches(self, lambda b: self.decode(self.encode(b)), x, batch_size)
+
+
+def _in_batches(model: nn.Module, fn: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` over ``x`` batch by batch on the model's device, in eval mode (restored after), results on the CPU."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    model.train(was)
+    return out
 
 
 @torch.no_grad()
@@ -354,9 +359,4 @@ def latent_scale_factor(model: Autoencoder, images: torch.Tensor, batch_size: in
     """1 / std of the latents z = E(x) over ``images``: multiplying z by it gives latents of unit variance,
     which a diffusion model's noise schedule (built for data of about unit scale) expects. LDM computes it
     the same way from a batch of training data. Lesson: 06_ldm_autoencoder."""
-    was = model.training
-    model.eval()
-    z = torch.cat([model.encode(images[i:i + batch_size].to(model.device)).float().cpu()
-                   for i in range(0, len(images), batch_size)])
-    model.train(was)
-    return 1.0 / z.flatten().std().item()
+    return 1.0 / _in_batches(model, model.encode, images, batch_size).flatten().std().item()

@@ -32,10 +32,38 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def available() -> List[str]:
-    """Names of the shipped DDPM models. Lesson: 04_unet."""
+def available(kind: str = "unet") -> List[str]:
+    """Names of the shipped models of one kind: ``"unet"`` (DDPM models) or ``"autoencoder"``, the key
+    their config.json holds. Lesson: 04_unet."""
     return sorted(p.name for p in ASSETS.glob("*") if (p / WEIGHTS_FILE).is_file() and (p / "config.json").is_file()
-                  and "unet" in json.loads((p / "config.json").read_text()))
+                  and kind in json.loads((p / "config.json").read_text()))
+
+
+def write_asset(out_dir: Union[str, os.PathLike], weights: Dict[str, torch.Tensor], config: Dict[str, Any],
+                command: str = "") -> Path:
+    """Write an asset folder: ``model.safetensors``, ``config.json`` and (when given) ``COMMAND.txt``, each
+    file atomically. Returns the folder. Lesson: 04_unet."""
+    out = Path(out_dir)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    ckpt.atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))
+    ckpt.write_json(out / "config.json", config)
+    if command:
+        ckpt.atomic_write(out / "COMMAND.txt", lambda tmp: Path(tmp).write_text(command.rstrip() + "\n"))
+    return out
+
+
+def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The weights (floating point as float32) and the config dict (with ``command``) of a shipped model of
+    ``kind`` by name, or of an exported folder by path; a clear error lists the shipped ones. Lesson: 04_unet."""
+    folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / "config.json").is_file():
+        raise ValueError(f"no shipped {kind} model {str(name)!r}; available: {', '.join(available(kind)) or 'none'}")
+    config = json.loads((folder / "config.json").read_text())
+    if kind not in config:
+        raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
+    return state, {**config, "command": command}
 
 
 def export(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], command: str = "",
@@ -45,14 +73,8 @@ def export(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], c
     groups, meta = ckpt.read_checkpoint(run_dir)
     if "ema" not in groups:
         raise ValueError(f"{run_dir} holds no EMA weights; is it a run folder of `python -m diffusion_course train`?")
-    out = Path(out_dir)
-    weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in groups["ema"].items()}
-    config = {**meta["config"], "step": int(meta["trainer_state"]["step"])}
-    ckpt.atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))
-    ckpt.write_json(out / "config.json", config)
-    if command:
-        ckpt.atomic_write(out / "COMMAND.txt", lambda tmp: Path(tmp).write_text(command.rstrip() + "\n"))
-    return out
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in groups["ema"].items()}
+    return write_asset(out_dir, weights, {**meta["config"], "step": int(meta["trainer_state"]["step"])}, command)
 
 
 def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
@@ -61,26 +83,32 @@ def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, t
     GaussianDiffusion, config dict)``. The config dict holds ``train`` and ``unet`` (dicts), ``step`` and
     ``command`` (how it was made). Lesson: 04_unet.
     """
-    folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise ValueError(f"no shipped model {name!r}; available: {', '.join(available()) or 'none'}")
-    config = json.loads((folder / "config.json").read_text())
+    state, config = read_asset(name, "unet")
     model = UNet(UNetConfig.from_dict(config["unet"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     model.load_state_dict(state)
     model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
     train = config["train"]
     diffusion = GaussianDiffusion(train["schedule"], train["T"], clip_x0=train.get("clip_x0", False))
-    command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
-    return model, diffusion, {**config, "command": command}
+    return model, diffusion, config
 
 
-def _export_cli(args: Any) -> int:
+def add_export_arguments(p: Any, trained_by: str) -> None:
+    """The options every export command takes (``--checkpoint``, ``--name`` or ``--out``, ``--command``,
+    ``--command-file``). Lesson: 04_unet."""
+    p.add_argument("--checkpoint", required=True, help=f"run folder written by `{trained_by}`")
+    p.add_argument("--name", default="", help="asset name (writes diffusion_course/assets/NAME)")
+    p.add_argument("--out", default="", help="folder to write instead of the package's assets")
+    p.add_argument("--command", default="", help="the command(s) that trained the run, recorded in COMMAND.txt")
+    p.add_argument("--command-file", default="", help="read the COMMAND.txt text from this file")
+
+
+def export_cli(args: Any, export_fn: Any) -> int:
+    """Run ``export_fn(checkpoint, out, command)`` for the parsed export options. Lesson: 04_unet."""
+    if not (args.out or args.name):
+        raise SystemExit("give --name (a package asset) or --out (a folder)")
     out = Path(args.out) if args.out else ASSETS / args.name
-    command = args.command or ""
-    if args.command_file:
-        command = Path(args.command_file).read_text()
-    export(args.checkpoint, out, command)
+    command = Path(args.command_file).read_text() if args.command_file else args.command
+    export_fn(args.checkpoint, out, command)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -88,9 +116,5 @@ def _export_cli(args: Any) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add the ``export`` command. Lesson: 04_unet."""
     p = subparsers.add_parser("export", help="ship a run's EMA weights as a small pretrained model")
-    p.add_argument("--checkpoint", required=True, help="run folder written by `train`")
-    p.add_argument("--name", default="", help="asset name (writes diffusion_course/assets/NAME)")
-    p.add_argument("--out", default="", help="folder to write instead of the package's assets")
-    p.add_argument("--command", default="", help="the command(s) that trained the run, recorded in COMMAND.txt")
-    p.add_argument("--command-file", default="", help="read the COMMAND.txt text from this file")
-    p.set_defaults(func=_export_cli)
+    add_export_arguments(p, "train")
+    p.set_defaults(func=lambda args: export_cli(args, export))

@@ -254,8 +254,10 @@ def test_export_load_and_the_latent_scale_factor(tmp_path):
     z = model.encode(x) * config["scale_factor"]
     assert z.std().item() == pytest.approx(1.0, rel=1e-4)
     assert latent_scale_factor(model, x) == pytest.approx(config["scale_factor"], rel=1e-5)
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(ValueError, match="available: ae_digits32_f4"):
         load_autoencoder("no_such_autoencoder")
+    with pytest.raises(ValueError, match="holds no autoencoder"):
+        load_autoencoder("ddpm_digits16")               # a DDPM model is not an autoencoder
 
 
 def test_the_shipped_digit_autoencoder_reconstructs_test_digits():
@@ -278,6 +280,8 @@ def test_the_command_line_trains_resumes_and_exports(tmp_path):
     assert main(args) == 0
     assert main(["train-autoencoder", "--resume", str(tmp_path / "run"), "--steps", "3", "--no-progress"]) == 0
     assert main(["export-autoencoder", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 0
+    with pytest.raises(SystemExit, match="--name"):
+        main(["export-autoencoder", "--checkpoint", str(tmp_path / "run")])
     model, config = load_autoencoder(tmp_path / "a", device="cpu")
     assert config["step"] == 3 and config["autoencoder"]["latent_channels"] == 2
 
