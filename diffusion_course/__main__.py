@@ -5,6 +5,7 @@
 * ``train``, ``sample`` train a U-Net, continue a run, write a grid of samples (see ``training``)
 * ``train-classifier`` train the digit classifier behind the sample-quality measure (see ``metrics``)
 * ``train-autoencoder``, ``export-autoencoder`` train and ship the lesson-06 autoencoder (see ``ae_training``)
+* ``train-shape-classifier`` train the shapes segmenter that scores captions in lesson 07 (see ``classifier``)
 
 Other modules add their own commands (training, sampling, ...): each module named in ``COMMAND_MODULES``
 defines ``register_cli(subparsers)``, which adds its sub-parsers with ``set_defaults(func=handler)``;
@@ -17,8 +18,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMAND_MODULES: tuple = ("diffusion_course.training", "diffusion_course.pretrained", "diffusion_course.metrics",
-                          "diffusion_course.ae_training")
+COMMAND_MODULES: tuple = ("diffusion_course.train_cli", "diffusion_course.pretrained", "diffusion_course.metrics",
+                          "diffusion_course.ae_training", "diffusion_course.classifier")
 
 
 def _env(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-OFFLINE_IMAGE_SETS = ("digits", "faces", "photo_patches")
+from . import shapes
+
+OFFLINE_IMAGE_SETS = ("digits", "faces", "photo_patches", "shapes")
 ONLINE_IMAGE_SETS = ("mnist", "fashion_mnist", "cifar10")
 TOY_2D = ("moons", "swiss_roll", "eight_gaussians", "circles", "checkerboard")
 SPLITS = ("train", "test", "all")
@@ -183,7 +185,8 @@ def get_dataset(name: str, image_size: Optional[int] = None, split: str = "train
                 download: bool = True, **kwargs) -> ImageData:
     """An image data set by name, resized to ``image_size`` (its native size when None).
 
-    Offline: ``digits`` (native 8), ``faces`` (native 25), ``photo_patches`` (default 64);
+    Offline: ``digits`` (native 8), ``faces`` (native 25), ``photo_patches`` (default 64), ``shapes``
+    (default 32, a :class:`shapes.ShapesData` with captions, layout and masks, splits train/test/holdout);
     online: ``mnist`` and ``fashion_mnist`` (28), ``cifar10`` (32). Lesson: 00_setup.
     """
     if name == "digits":
@@ -192,6 +195,8 @@ def get_dataset(name: str, image_size: Optional[int] = None, split: str = "train
         return faces(image_size or 25, split)
     if name == "photo_patches":
         return photo_patches(image_size or 64, split=split, **kwargs)
+    if name == "shapes":  # captioned coloured shapes (lesson 07); splits train, test, holdout
+        return shapes.shapes_dataset(image_size or 32, split, **kwargs)
     if name in ONLINE_IMAGE_SETS:
         return _torchvision_set(name, image_size, split, download)
     valid = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS

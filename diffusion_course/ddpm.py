@@ -301,9 +301,9 @@ class GaussianDiffusion:
 
     def _start(self, model: Model, shape: Sequence[int], x_T: Optional[torch.Tensor],
                generator: Optional[torch.Generator], device: Optional[Union[str, torch.device]]) -> torch.Tensor:
-        if device is None:
+        if device is None:  # from x_T, else from the model's weights, else the CPU
             params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-            device = params[0].device if params else torch.device("cpu")
+            device = x_T.device if x_T is not None else (params[0].device if params else torch.device("cpu"))
         if x_T is not None:
             if tuple(x_T.shape) != tuple(shape):
                 raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")

@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
+from .conditions import build_model
 from .ddpm import GaussianDiffusion
-from .nn import UNet, UNetConfig
+from .nn import ConditionerConfig, UNetConfig
 from .utils import get_device
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -78,13 +79,16 @@ def export(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], c
 
 
 def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
-                    ) -> Tuple[UNet, GaussianDiffusion, Dict[str, Any]]:
+                    ) -> Tuple[torch.nn.Module, GaussianDiffusion, Dict[str, Any]]:
     """A shipped model by name (or an exported folder by path): ``(U-Net in eval mode, its
     GaussianDiffusion, config dict)``. The config dict holds ``train`` and ``unet`` (dicts), ``step`` and
-    ``command`` (how it was made). Lesson: 04_unet.
+    ``command`` (how it was made). A conditional model (lesson 07) comes as a
+    :class:`~diffusion_course.nn.ConditionalDenoiser` of condition encoder and U-Net, and its config dict also
+    holds ``conditioner``. Lesson: 04_unet.
     """
     state, config = read_asset(name, "unet")
-    model = UNet(UNetConfig.from_dict(config["unet"]))
+    cc = config.get("conditioner")
+    model = build_model(UNetConfig.from_dict(config["unet"]), ConditionerConfig.from_dict(cc) if cc else None)
     model.load_state_dict(state)
     model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
     train = config["train"]

@@ -5,6 +5,10 @@ Taught in lesson 04_unet.
     python -m diffusion_course train --dataset digits --image-size 16 --steps 2000 --out runs/digits
     python -m diffusion_course train --resume runs/digits --steps 4000     # continue the run up to step 4000
     python -m diffusion_course sample --checkpoint runs/digits --out grid.png --sampler ddim --steps 50 --n 64
+    python -m diffusion_course train --dataset digits --image-size 16 --condition class --out runs/cond
+    python -m diffusion_course sample --checkpoint runs/cond --out sevens.png --labels 7 --n 16 --guidance-scale 3
+    python -m diffusion_course train --dataset shapes --condition caption --out runs/shapes
+    python -m diffusion_course sample --checkpoint runs/shapes --out red.png --caption "a red circle above a blue square"
     torchrun --nproc_per_node=4 -m diffusion_course train ...              # one process per GPU (DDP)
 
 A resumed run takes every setting from its checkpoint; options given beside ``--resume`` override them,
@@ -19,14 +23,17 @@ from pathlib import Path
 from typing import Any, Dict
 
 from . import checkpoint as ckpt
+import torch
+
+from .conditions import conditional_data, encode_captions
 from .data import DatasetUnavailable, get_dataset
 from .distributed import leave_process_group, main_process_first, setup_distributed
-from .nn import UNetConfig
+from .nn import ConditionerConfig, UNetConfig
 from .training import SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid
 
 TRAIN_HELP = {
-    "dataset": "data set name: digits, faces, photo_patches (offline) or mnist, fashion_mnist, cifar10",
-    "image_size": "side S of the (square) training images, pixels",
+    "dataset": "data set name: digits, faces, photo_patches, shapes (offline) or mnist, fashion_mnist, cifar10",
+    "image_size": "side S of the (square) training images, pixels (default: the data set's own size)",
     "batch_size": "global batch size (split over the processes of a multi-GPU run)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
@@ -48,7 +55,11 @@ TRAIN_HELP = {
     "amp": "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off",
     "device": "cpu, cuda, cuda:1, mps (default: the best available)",
     "progress": "show a progress bar",
+    "condition": "none (unconditional), class, caption or layout (the last two: shapes only)",
+    "p_uncond": "probability of training a condition as the null condition (classifier-free guidance)",
+    "guidance_scale": "classifier-free guidance scale of the sample grids",
 }
+OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str}
 UNET_ARGS = {
     "model_channels": (int, "U-Net base channels"),
     "channel_mult": (lambda s: tuple(int(v) for v in s.split(",")), "channel multiplier per level, e.g. 1,2,2"),
@@ -58,6 +69,10 @@ UNET_ARGS = {
     "dropout": (float, "dropout rate"),
     "num_heads": (int, "attention heads"),
     "norm_groups": (int, "GroupNorm groups"),
+    "context_dim": (int, "width d_tau of the condition tokens and of the cross-attention context (conditional "
+                         "models; default 64 there)"),
+    "transformer_depth": (int, "transformer blocks per attention site of a conditional U-Net"),
+    "num_head_channels": (int, "channels per attention head (-1: use --num-heads)"),
 }
 
 
@@ -72,7 +87,7 @@ def _add_train_parser(subparsers: Any) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{TRAIN_HELP[f.name]} {default}")
         else:
-            kind = str if f.default is None else type(f.default)
+            kind = OPTIONAL_TYPES[f.name] if f.default is None else type(f.default)
             p.add_argument(flag, type=kind, default=None, help=f"{TRAIN_HELP[f.name]} {default}")
     for name, (kind, text) in UNET_ARGS.items():
         default = UNetConfig.__dataclass_fields__[name].default
@@ -91,6 +106,11 @@ def _add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: a square)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--labels", default="", help="class-conditional models: class labels, e.g. 7 or 0,1,2 (repeated "
+                                                 "to fill --n)")
+    p.add_argument("--caption", action="append", default=[], help="caption-conditional models: a caption (give "
+                                                                  "several --caption; repeated to fill --n)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
     p.set_defaults(func=_sample)
 
 
@@ -115,7 +135,8 @@ def _train(args: argparse.Namespace) -> int:
             saved = ckpt.read_config(args.resume)
             train_over.setdefault("out", str(args.resume))
             config = TrainConfig.from_dict({**saved["train"], **train_over})
-            trainer = Trainer(config, UNetConfig.from_dict({**saved["unet"], **unet_over}))
+            cc = ConditionerConfig.from_dict(saved["conditioner"]) if saved.get("conditioner") else None
+            trainer = Trainer(config, UNetConfig.from_dict({**saved["unet"], **unet_over}), conditioner_config=cc)
             trainer.load(args.resume)
         else:
             if "out" not in train_over:
@@ -126,9 +147,13 @@ def _train(args: argparse.Namespace) -> int:
             config = TrainConfig.from_dict(train_over)
             info, _, created = setup_distributed(config.device)
             with main_process_first(info):  # one download at a time
-                data = get_dataset(config.dataset, config.image_size).images  # (N, C, S, S)
-            unet = UNetConfig(**{"image_size": config.image_size, "in_channels": data.shape[1], **unet_over})
-            trainer = Trainer(config, unet, data)
+                dataset = get_dataset(config.dataset, config.image_size)
+            data = dataset.images  # (N, C, S, S)
+            if config.condition != "none":
+                unet_over.setdefault("context_dim", 64)
+            cond, cc = conditional_data(dataset, config.condition, unet_over.get("context_dim") or 64)
+            unet = UNetConfig(**{"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})
+            trainer = Trainer(config, unet, data, cond, cc)
     except (ValueError, FileNotFoundError, NotADirectoryError, DatasetUnavailable) as e:
         if created:
             leave_process_group()
@@ -150,13 +175,40 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     try:
-        model, diffusion, _ = load_checkpoint(args.checkpoint, args.device)
+        model, diffusion, configs = load_checkpoint(args.checkpoint, args.device)
         if args.n < 1:
             raise ValueError(f"--n must be positive, got {args.n}")
-        images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta)
+        cond = _conditions(args, configs["conditioner"])
+        images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,
+                               cond=cond, guidance_scale=args.guidance_scale)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         return _fail(str(e))
     path = save_grid(images, args.out, args.nrow)
     print(f"wrote {args.n} samples ({args.sampler}) to {path}")
     return 0
 
+
+def _conditions(args: argparse.Namespace, config: Any) -> Any:
+    """The ``(n, ...)`` conditions that ``--labels`` / ``--caption`` ask for, or None for an unconditional model."""
+    if config is None:
+        if args.labels or args.caption:
+            raise ValueError("this model is unconditional; drop --labels and --caption")
+        return None
+    if config.kind == "class":
+        if not args.labels:
+            raise ValueError(f"this model is class-conditional: pass --labels, e.g. --labels 0,1,2 "
+                             f"(classes 0..{config.num_classes - 1})")
+        try:
+            labels = torch.tensor([int(v) for v in args.labels.split(",") if v.strip()])
+        except ValueError:
+            raise ValueError(f"--labels takes whole numbers separated by commas, got {args.labels!r}") from None
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
+            raise ValueError(f"--labels must lie in 0..{config.num_classes - 1}, got {args.labels!r}")
+        return labels[torch.arange(args.n) % len(labels)]
+    if config.kind == "text":
+        if not args.caption:
+            raise ValueError('this model is caption-conditional: pass --caption "a red circle above a blue square"')
+        ids = encode_captions(args.caption, config)
+        return ids[torch.arange(args.n) % len(ids)]
+    raise ValueError(f"sampling a {config.kind}-conditional model from the command line is not offered; "
+                     f"use diffusion_course.training.sample_images with cond=(n, K, 5) layouts")

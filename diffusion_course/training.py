@@ -16,6 +16,14 @@ engineering a real run needs:
     trainer = Trainer(TrainConfig(dataset="digits", image_size=16, steps=2000, out="runs/digits"), unet_config)
     trainer.train()                      # (B, C, S, S) batches, one optimizer step each
     images = trainer.sample(16)          # (16, C, S, S) in [-1, 1], from the EMA weights
+
+Conditional models (lesson 07_cross_attention): batches are ``(x0, cond)``; the condition goes through the
+condition encoder tau_theta to the U-Net's cross-attention (``model_kwargs``), encoder and U-Net are
+optimised together, and each condition is replaced by the learned null condition with probability
+``p_uncond``, which is what classifier-free guidance needs:
+
+    trainer = Trainer(TrainConfig(dataset="digits", image_size=16, condition="class", p_uncond=0.1))
+    images = trainer.sample(10, cond=torch.arange(10), guidance_scale=3.0)
 """
 from __future__ import annotations
 
@@ -33,11 +41,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .conditions import CONDITIONS, build_model, conditional_data
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .distributed import (barrier, gather_objects, leave_process_group, main_process_first, mean_over_processes,
                           setup_distributed)
 from .ddpm import GaussianDiffusion
-from .nn import UNet, UNetConfig
+from .guidance import ClassifierFreeGuidance, condition_dropout
+from .nn import ConditionerConfig, UNetConfig
 from .schedules import SCHEDULES
 from .utils import dataclass_from_dict, get_device
 from .viz import make_grid
@@ -46,7 +56,7 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SAMPLERS = ("ddim", "ddpm")
 # settings a resumed run may change, because they do not change what the model learns
 RESUMABLE = ("steps", "sample_every", "checkpoint_every", "n_samples", "sampler", "sample_steps", "out", "amp",
-             "device", "progress")
+             "device", "progress", "guidance_scale")
 
 
 @dataclass
@@ -56,11 +66,14 @@ class TrainConfig:
     ``batch_size`` is the global batch, split evenly over the processes of a multi-GPU run.
     ``grad_clip = 0`` turns clipping off; ``sample_every = 0`` / ``checkpoint_every = 0`` write sample grids /
     checkpoints only when :meth:`Trainer.train` returns; ``out = None`` writes nothing. ``amp`` is one of
-    ``auto``, ``bf16``, ``fp16``, ``off``; ``device = None`` picks the best one. Lesson: 04_unet.
+    ``auto``, ``bf16``, ``fp16``, ``off``; ``device = None`` picks the best one. ``image_size = None`` takes
+    the data's own size. ``condition`` is ``none`` (unconditional), ``class``, ``caption`` or ``layout``
+    (lesson 07); ``p_uncond`` is the probability of training a condition as the null condition, and
+    ``guidance_scale`` the classifier-free guidance scale of the sample grids. Lesson: 04_unet.
     """
 
     dataset: str = "digits"
-    image_size: int = 16
+    image_size: Optional[int] = None
     batch_size: int = 64
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -82,12 +95,23 @@ class TrainConfig:
     amp: str = "auto"
     device: Optional[str] = None
     progress: bool = True
+    condition: str = "none"
+    p_uncond: float = 0.1
+    guidance_scale: float = 3.0
 
     def __post_init__(self) -> None:
         names = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS
         if self.dataset not in names:
             raise ValueError(f"unknown data set {self.dataset!r}; valid names: {', '.join(names)}")
-        for key in ("image_size", "batch_size", "T", "n_samples", "sample_steps"):
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ValueError(f"image_size must be a positive int or None (the data's size), got {self.image_size!r}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {self.condition!r}; valid: {', '.join(CONDITIONS)}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1) (typically 0.1), got {self.p_uncond}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for key in ("batch_size", "T", "n_samples", "sample_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive int, got {getattr(self, key)!r}")
         for key in ("steps", "seed", "warmup_steps", "sample_every", "checkpoint_every"):
@@ -180,20 +204,36 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: Optiona
 
 @torch.no_grad()
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim",
-                  steps: Optional[int] = None, seed: int = 0, eta: float = 0.0, progress: bool = True) -> torch.Tensor:
+                  steps: Optional[int] = None, seed: int = 0, eta: float = 0.0, progress: bool = True,
+                  cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+                  x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
-    default 50) or DDPM's Algorithm 2 (all T steps), with the noise drawn from a generator seeded by ``seed``.
-    Lesson: 04_unet."""
+    default 50) or DDPM's Algorithm 2 (all T steps), with the noise drawn from a generator seeded by ``seed``
+    (or starting from ``x_T``).
+
+    A conditional model (:class:`~diffusion_course.nn.ConditionalDenoiser`) takes ``cond``, one condition per
+    image, and samples with classifier-free guidance of scale ``guidance_scale`` (1: the plain conditional
+    model, 0: the unconditional one). Lesson: 04_unet.
+    """
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
+    kwargs = None
+    if cond is not None:
+        if len(cond) != n:
+            raise ValueError(f"{len(cond)} conditions for {n} images; give one condition per image")
+        model, kwargs = ClassifierFreeGuidance(model, guidance_scale), {"cond": cond.to(device)}
+    elif getattr(model, "conditioner", None) is not None:
+        raise ValueError("this model is conditional: pass cond=... (one condition per image)")
     if sampler == "ddim":
-        x = diffusion.ddim_sample(model, shape, steps=steps or 50, eta=eta, generator=g, device=device, progress=progress)
+        x = diffusion.ddim_sample(model, shape, steps=steps or 50, eta=eta, generator=g, device=device,
+                                  progress=progress, model_kwargs=kwargs, x_T=x_T)
     elif sampler == "ddpm":
         if steps not in (None, diffusion.T):
             raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use the DDIM sampler for {steps}")
-        x = diffusion.sample(model, shape, generator=g, device=device, progress=progress)
+        x = diffusion.sample(model, shape, generator=g, device=device, progress=progress, model_kwargs=kwargs,
+                             x_T=x_T)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     return x.clamp(-1.0, 1.0).float().cpu()
@@ -208,30 +248,51 @@ class Trainer:
     ``(N, C, S, S)`` in [-1, 1]). ``unet_config`` defaults to the package's U-Net for the data's size and
     channels. Under ``torchrun`` it joins the process group and wraps the model in DistributedDataParallel;
     only rank 0 shows progress and writes files. Lesson: 04_unet.
+
+    With ``config.condition`` other than ``none`` it trains a conditional model (lesson 07): the conditions
+    come from the data set (see :mod:`diffusion_course.conditions`), or from ``cond`` (one row per image of
+    ``data``) with ``conditioner_config``; ``unet_config`` then needs the conditioner's ``context_dim``.
     """
 
     def __init__(self, config: TrainConfig, unet_config: Optional[UNetConfig] = None,
-                 data: Optional[torch.Tensor] = None) -> None:
+                 data: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
+                 conditioner_config: Optional[ConditionerConfig] = None) -> None:
         self.config = c = config
         self.dist, self.device, self._owns_group = setup_distributed(c.device)
         if data is None:
+            if cond is not None:
+                raise ValueError("cond was given without data: pass the images it belongs to as data=")
             with main_process_first(self.dist):  # one download at a time
-                data = get_dataset(c.dataset, c.image_size).images
-        if data.ndim != 4 or data.shape[-1] != c.image_size or data.shape[-2] != c.image_size:
-            raise ValueError(f"training images must have shape (N, C, {c.image_size}, {c.image_size}), "
+                dataset = get_dataset(c.dataset, c.image_size)
+            data = dataset.images
+            if c.condition != "none":
+                context_dim = (unet_config.context_dim if unet_config is not None and unet_config.context_dim
+                               else conditioner_config.context_dim if conditioner_config is not None else 64)
+                cond, default = conditional_data(dataset, c.condition, context_dim)
+                conditioner_config = conditioner_config or default
+        size = c.image_size or (data.shape[-1] if data.ndim == 4 else None)
+        if data.ndim != 4 or data.shape[-1] != size or data.shape[-2] != size:
+            raise ValueError(f"training images must be square, of shape (N, C, S, S) with S = {size}, "
                              f"got {tuple(data.shape)}")
-        unet_config = unet_config or UNetConfig(image_size=c.image_size, in_channels=data.shape[1])
-        if unet_config.image_size != c.image_size or unet_config.in_channels != data.shape[1]:
+        if (c.condition == "none") != (cond is None) or (cond is None) != (conditioner_config is None):
+            raise ValueError(f"condition={c.condition!r} needs conditions and a conditioner config exactly when it "
+                             f"is not 'none' (got cond={'None' if cond is None else 'a tensor'}, conditioner_config="
+                             f"{'None' if conditioner_config is None else conditioner_config.kind})")
+        if cond is not None and len(cond) != len(data):
+            raise ValueError(f"{len(cond)} conditions for {len(data)} images; give one condition per image")
+        context_dim = conditioner_config.context_dim if conditioner_config is not None else None
+        unet_config = unet_config or UNetConfig(image_size=size, in_channels=data.shape[1], context_dim=context_dim)
+        if unet_config.image_size != size or unet_config.in_channels != data.shape[1]:
             raise ValueError(f"the U-Net is built for {unet_config.in_channels}-channel images of size "
                              f"{unet_config.image_size}, the data has {data.shape[1]} channels and size "
-                             f"{c.image_size}; make UNetConfig's image_size and in_channels match")
-        self.unet_config = unet_config
+                             f"{size}; make UNetConfig's image_size and in_channels match")
+        self.unet_config, self.conditioner_config, self.image_size = unet_config, conditioner_config, size
         world = self.dist.world_size
         if c.batch_size % world:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {world}")
 
         torch.manual_seed(c.seed)  # the same initial weights on every process and in every run
-        self.model = UNet(unet_config).to(self.device)
+        self.model = build_model(unet_config, conditioner_config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
         self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
@@ -246,7 +307,14 @@ class Trainer:
         # every random number of the loop comes from these two generators (CPU, one pair per process)
         self.data_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 0))
         self.noise_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 1))
-        self.batches = random_batches(data, c.batch_size // world, generator=self.data_generator)
+        extra = () if cond is None else (cond,)
+        self.batches = random_batches(data, c.batch_size // world, *extra, generator=self.data_generator)
+        # the conditions of the sample grids: every class in turn, or the first conditions of the data
+        self.sample_cond: Optional[torch.Tensor] = None
+        if cond is not None:
+            n = c.n_samples
+            self.sample_cond = (torch.arange(n) % conditioner_config.num_classes if conditioner_config.kind == "class"
+                                else cond[torch.arange(n) % len(cond)])
         self.step = 0
         self.loss_history: List[float] = []
 
@@ -261,13 +329,18 @@ class Trainer:
         A NaN or infinite loss raises FloatingPointError before the weights change. Lesson: 04_unet."""
         c = self.config
         self.net.train()
-        x0 = next(self.batches).to(self.device, non_blocking=True)  # (B / world, C, S, S)
+        batch = next(self.batches)
+        x0, kwargs = (batch, None) if self.conditioner_config is None else (batch[0], {"cond": batch[1]})
+        x0 = x0.to(self.device, non_blocking=True)  # (B / world, C, S, S)
+        if kwargs is not None:  # the condition, dropped to the null condition with probability p_uncond
+            kwargs = {"cond": kwargs["cond"].to(self.device, non_blocking=True),
+                      "drop": condition_dropout(x0.shape[0], c.p_uncond, self.noise_generator, self.device)}
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            loss = self.diffusion.L_simple(self.net, x0, generator=self.noise_generator)
+            loss = self.diffusion.L_simple(self.net, x0, model_kwargs=kwargs, generator=self.noise_generator)
         self.scaler.scale(loss).backward()  # under DDP this averages the gradients over processes
         value = mean_over_processes(loss, self.dist)
         if not np.isfinite(value):
@@ -314,12 +387,20 @@ class Trainer:
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, n: Optional[int] = None, sampler: Optional[str] = None, steps: Optional[int] = None,
-               seed: Optional[int] = None) -> torch.Tensor:
-        """``n`` images ``(n, C, S, S)`` in [-1, 1] from the EMA weights (defaults from the config). Lesson: 04_unet."""
+               seed: Optional[int] = None, cond: Optional[torch.Tensor] = None,
+               guidance_scale: Optional[float] = None) -> torch.Tensor:
+        """``n`` images ``(n, C, S, S)`` in [-1, 1] from the EMA weights (defaults from the config). A
+        conditional model takes ``cond`` (default: the sample grid's conditions) and ``guidance_scale``.
+        Lesson: 04_unet."""
         c = self.config
-        return sample_images(self.ema, self.diffusion, n or c.n_samples, sampler or c.sampler,
+        if cond is None and self.sample_cond is not None:
+            n = n or c.n_samples
+            cond = self.sample_cond[torch.arange(n) % len(self.sample_cond)]
+        n = len(cond) if cond is not None and n is None else (n or c.n_samples)
+        return sample_images(self.ema, self.diffusion, n, sampler or c.sampler,
                              steps or (c.sample_steps if (sampler or c.sampler) == "ddim" else None),
-                             c.seed if seed is None else seed, progress=False)
+                             c.seed if seed is None else seed, progress=False, cond=cond,
+                             guidance_scale=c.guidance_scale if guidance_scale is None else guidance_scale)
 
     def save_samples(self) -> Optional[Path]:
         """Write a sample grid to ``out/samples/step_NNNNNN.png`` (rank 0 only). Lesson: 04_unet."""
@@ -329,8 +410,12 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def configs(self) -> Dict[str, Dict[str, Any]]:
-        """``{"train": TrainConfig dict, "unet": UNetConfig dict}``, as stored in checkpoints. Lesson: 04_unet."""
-        return {"train": self.config.to_dict(), "unet": self.unet_config.to_dict()}
+        """``{"train": TrainConfig dict, "unet": UNetConfig dict}`` (and ``"conditioner"`` for a conditional
+        model), as stored in checkpoints. Lesson: 04_unet."""
+        out = {"train": self.config.to_dict(), "unet": self.unet_config.to_dict()}
+        if self.conditioner_config is not None:
+            out["conditioner"] = self.conditioner_config.to_dict()
+        return out
 
     def _rng_states(self) -> Dict[str, torch.Tensor]:
         states = {"data": self.data_generator.get_state(), "noise": self.noise_generator.get_state(),
@@ -397,22 +482,20 @@ class Trainer:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
-                    ) -> Tuple[UNet, GaussianDiffusion, Dict[str, Any]]:
-    """A trained model from its run folder: ``(model, diffusion, configs)`` with the U-Net holding the EMA
-    weights (eval mode, on ``device`` or the best one), its :class:`GaussianDiffusion`, and
-    ``{"train": TrainConfig, "unet": UNetConfig, "step": int}``. Lesson: 04_unet."""
+                    ) -> Tuple[nn.Module, GaussianDiffusion, Dict[str, Any]]:
+    """A trained model from its run folder: ``(model, diffusion, configs)`` with the U-Net (or the
+    conditional denoiser) holding the EMA weights (eval mode, on ``device`` or the best one), its
+    :class:`GaussianDiffusion`, and ``{"train": TrainConfig, "unet": UNetConfig, "conditioner":
+    ConditionerConfig or None, "step": int}``. Lesson: 04_unet."""
     groups, meta = ckpt.read_checkpoint(path)
     train = TrainConfig.from_dict(meta["config"]["train"])
     unet_config = UNetConfig.from_dict(meta["config"]["unet"])
-    model = UNet(unet_config)
+    cc = meta["config"].get("conditioner")
+    conditioner_config = ConditionerConfig.from_dict(cc) if cc else None
+    model = build_model(unet_config, conditioner_config)
     model.load_state_dict(groups["ema"])
     model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
     diffusion = GaussianDiffusion(train.schedule, train.T, clip_x0=train.clip_x0)
-    return model, diffusion, {"train": train, "unet": unet_config, "step": int(meta["trainer_state"]["step"])}
+    return model, diffusion, {"train": train, "unet": unet_config, "conditioner": conditioner_config,
+                              "step": int(meta["trainer_state"]["step"])}
 
-
-def register_cli(subparsers: Any) -> None:
-    """Add the ``train`` and ``sample`` commands (they live in :mod:`diffusion_course.train_cli`). Lesson: 04_unet."""
-    from .train_cli import register_cli as register
-
-    register(subparsers)

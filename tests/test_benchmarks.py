@@ -31,3 +31,20 @@ def test_bench_samplers_rejects_bad_arguments():
         load("bench_samplers").main(["--n", "1"])
     with pytest.raises(SystemExit):
         load("bench_samplers").main(["--ddim", "0,5"])
+
+
+def test_bench_guidance_measures_both_tasks(tmp_path):
+    out = tmp_path / "g.json"
+    with pytest.warns(UserWarning, match="fewer samples"):
+        result = load("bench_guidance").main(["--task", "digits", "--device", "cpu", "--n", "20", "--scales", "0,3",
+                                              "--steps", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["real train digits", "s = 0.0", "s = 3.0"]
+    assert rows[0]["adherence"] > 0.8 and all(0 <= r["adherence"] <= 1 and r["fd"] > 0 for r in rows)
+    shapes_result = load("bench_guidance").main(["--task", "shapes", "--device", "cpu", "--n", "4", "--scales", "1",
+                                                 "--steps", "2"])
+    names = [(r["split"], r["name"]) for r in shapes_result["rows"]]
+    assert names == [("test", "real images"), ("test", "s = 1.0"), ("holdout", "real images"), ("holdout", "s = 1.0")]
+    assert result["model"] == "cond_digits16" and shapes_result["model"] == "shapes_caption32"
+    with pytest.raises(SystemExit):
+        load("bench_guidance").main(["--scales", "-1"])

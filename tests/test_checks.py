@@ -138,7 +138,60 @@ WRONG = {
                                               / (torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].norm()
                                                  + 1e-4)).clamp(0, 1e4),         # not detached
     ],
+    "7.1": [
+        lambda q, k, v, mask=None: _sdpa(q, k, v, mask, scale=1.0),                          # no 1/sqrt(d)
+        lambda q, k, v, mask=None: _sdpa(q, k, v, mask, scale=1.0 / q.shape[-1]),            # 1/d
+        lambda q, k, v, mask=None: _sdpa(q, k, v, mask, axis=-2),                            # softmax over queries
+        lambda q, k, v, mask=None: _sdpa(q, k, v, None),                                     # padding attended to
+    ],
+    "7.2": [
+        lambda attn, x, context, mask=None: checks.ref_cross_attention(_self_attention_of(attn), x, x, None),  # K, V from x
+        lambda attn, x, context, mask=None: attn.to_out(checks.ref_scaled_dot_product_attention(
+            attn.to_q(x), attn.to_k(context), attn.to_v(context), mask)),               # one head of width C
+        lambda attn, x, context, mask=None: _no_out(attn, x, context, mask),          # W_out forgotten
+    ],
+    "7.3": [
+        lambda context, mask, u, p_uncond, null: checks.ref_condition_dropout(context, mask, 1 - u, 1 - p_uncond, null),  # u > p kept
+        lambda context, mask, u, p_uncond, null: (checks.ref_condition_dropout(context, mask, u, p_uncond, null)[0], mask),  # mask kept
+        lambda context, mask, u, p_uncond, null: checks.ref_condition_dropout(context, mask, u, p_uncond, 0 * null),  # zeros
+    ],
+    "7.4": [
+        lambda eps_cond, eps_uncond, scale: eps_cond + scale * (eps_cond - eps_uncond),   # (1 + w) convention
+        lambda eps_cond, eps_uncond, scale: eps_uncond + scale * (eps_uncond - eps_cond),  # reversed
+        lambda eps_cond, eps_uncond, scale: scale * eps_cond,                              # no baseline
+    ],
 }
+
+
+def _sdpa(q, k, v, mask, scale=None, axis=-1):
+    scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return scores.softmax(dim=axis).nan_to_num() @ v
+
+
+def _self_attention_of(attn):
+    """The same weights, but K and V read the image tokens (a wrong cross-attention)."""
+    from diffusion_course.nn import MultiHeadAttention
+
+    C = attn.query_dim
+    wrong = MultiHeadAttention(C, attn.num_heads)
+    wrong.load_state_dict({k: (v[:, :C] if k in ("to_k.weight", "to_v.weight") and v.shape[1] >= C
+                               else torch.nn.functional.pad(v, (0, C - v.shape[1])) if k in ("to_k.weight", "to_v.weight")
+                               else v) for k, v in attn.state_dict().items()})
+    return wrong
+
+
+def _no_out(attn, x, context, mask):
+    """Cross-attention with the heads merged but no output projection."""
+    B, N, C = x.shape
+    h = attn.num_heads
+    q = attn.to_q(x).reshape(B, N, h, C // h).transpose(1, 2)
+    k = attn.to_k(context).reshape(B, -1, h, C // h).transpose(1, 2)
+    v = attn.to_v(context).reshape(B, -1, h, C // h).transpose(1, 2)
+    m = None if mask is None else mask[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    return out.transpose(1, 2).reshape(B, N, C)
 
 
 @pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])

@@ -55,7 +55,7 @@ def test_random_batches():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="digits, faces, photo_patches, mnist"):
+    with pytest.raises(ValueError, match="digits, faces, photo_patches, shapes, mnist"):
         data.get_dataset("imagenet")
     with pytest.raises(ValueError, match="toy_2d"):
         data.get_dataset("moons")

@@ -1,11 +1,13 @@
+import json
 import math
 
 import pytest
 import torch
 
-from diffusion_course.nn import (AttentionBlock, DownBlock, MultiHeadAttention, ResidualBlock, TimeEmbedding,
-                                 UNet, UNetConfig, UpBlock, timestep_embedding)
-from diffusion_course.nn.blocks import Downsample, Upsample, group_norm
+from diffusion_course.nn import (AttentionBlock, DownBlock, MultiHeadAttention, ResidualBlock, SpatialTransformer,
+                                 TimeEmbedding, UNet, UNetConfig, UpBlock, timestep_embedding)
+from diffusion_course.nn.blocks import Downsample, Upsample
+from diffusion_course.nn.layers import group_norm
 
 
 def unzero(net):
@@ -84,20 +86,28 @@ def test_attention_matches_a_hand_computation():
         heads.append(w @ v[..., sl])
     want = attn.to_out(torch.cat(heads, -1))
     assert torch.allclose(attn(x, ctx), want, atol=1e-5)
-    with pytest.raises(ValueError, match="context must have shape"):
+    with pytest.raises(ValueError, match="context has width 4, but this cross-attention layer was built for "
+                                         "context_dim 3"):
         attn(x, torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match="context must have shape"):
+        attn(x, torch.randn(3, 6, 3))
+    with pytest.raises(ValueError, match="needs context"):
+        attn(x)
 
 
-def test_attention_block_identity_at_init_and_cross_attention():
+def test_attention_block_is_self_attention_only_and_identity_at_init():
+    torch.manual_seed(0)
     block = AttentionBlock(8, num_heads=2, norm_groups=4)
     x = torch.randn(2, 8, 4, 4)
     assert torch.allclose(block(x), x)
-    cross = AttentionBlock(8, num_heads=2, context_dim=5, norm_groups=4)
-    torch.nn.init.normal_(cross.cross_attn.to_out.weight)
-    c1, c2 = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    assert not torch.allclose(cross(x, c1), cross(x, c2))
-    with pytest.raises(ValueError, match="context_dim"):
-        cross(x)
+    assert sorted(n for n, _ in block.named_children()) == ["norm", "self_attn"]  # cross-attention moved out
+    assert not block.self_attn.is_cross
+    unzero(block)
+    tokens = block.norm(x).reshape(2, 8, 16).transpose(1, 2)
+    want = x + block.self_attn(tokens).transpose(1, 2).reshape(2, 8, 4, 4)
+    assert torch.allclose(block(x), want, atol=1e-6) and not torch.allclose(block(x), x)
+    with pytest.raises(ValueError, match="8 channels"):
+        block(torch.randn(2, 4, 4, 4))
 
 
 def test_down_and_up_blocks():
@@ -158,6 +168,17 @@ def test_unet_context_and_modulation_hooks():
         net(x, t, c1, modulation={"5": (torch.zeros(1), torch.zeros(1))})
     with pytest.raises(ValueError, match="no cross-attention"):
         UNet(small_config())(x, t, c1)
+    with pytest.raises(ValueError, match="built with context_dim 6"):
+        net(x, t)
+    with pytest.raises(ValueError, match="context has width 7, but .* context_dim 6"):
+        net(x, t, torch.randn(2, 4, 7))
+    with pytest.raises(ValueError, match="all False"):
+        net(x, t, c1, context_mask=torch.tensor([[True] * 4, [False] * 4]))
+    # context_mask: the padded tokens' values do not matter
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    c3 = torch.where(mask[..., None], c1, torch.randn(2, 4, 6))
+    assert torch.allclose(net(x, t, c1, context_mask=mask), net(x, t, c3, context_mask=mask), atol=1e-5)
+    assert not torch.allclose(net(x, t, c1), net(x, t, c3))
 
 
 def test_unet_clear_errors():
@@ -176,3 +197,51 @@ def test_unet_clear_errors():
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({**cfg.to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match="heads of 12 channels"):
+        small_config(num_head_channels=12)
+    with pytest.raises(ValueError, match="3 heads"):
+        small_config(num_heads=3)
+    with pytest.raises(ValueError, match="transformer_depth"):
+        small_config(context_dim=4, transformer_depth=0)
+
+
+def test_old_configs_load_and_the_unconditional_unet_keeps_its_parameter_names():
+    """A configuration saved before transformer_depth/num_head_channels existed loads with their defaults,
+    and an unconditional U-Net has exactly the parameters of the shipped asset (AttentionBlocks, no
+    transformer), so it loads strictly."""
+    from safetensors.torch import load_file
+
+    from diffusion_course import pretrained
+
+    folder = pretrained.ASSETS / "ddpm_digits16"
+    saved = json.loads((folder / "config.json").read_text())["unet"]
+    assert "transformer_depth" not in saved and "num_head_channels" not in saved
+    cfg = UNetConfig.from_dict(saved)
+    assert cfg.transformer_depth == 1 and cfg.num_head_channels == -1 and cfg.context_dim is None
+    net = UNet(cfg)
+    weights = load_file(str(folder / "model.safetensors"))
+    assert sorted(net.state_dict()) == sorted(weights)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {k: tuple(v.shape) for k, v in weights.items()}
+    net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    assert isinstance(net.mid_attn, AttentionBlock)
+    assert not any(isinstance(m, SpatialTransformer) for m in net.modules())
+    assert not any(isinstance(m, MultiHeadAttention) and m.is_cross for m in net.modules())
+
+
+def test_conditional_unet_with_deeper_transformers_and_head_width():
+    torch.manual_seed(0)
+    cfg = small_config(context_dim=6, transformer_depth=2, num_head_channels=8)
+    net = unzero(UNet(cfg))
+    sites = [d.attn for d in net.down if isinstance(d, DownBlock) and d.attn is not None]
+    sites += [u.attn for u in net.up if isinstance(u, UpBlock) and u.attn is not None] + [net.mid_attn]
+    assert len(sites) == 1 + 2 + 1  # one DownBlock and two UpBlocks at ds = 2, plus the middle
+    assert all(isinstance(s, SpatialTransformer) and len(s.blocks) == 2 for s in sites)
+    assert not any(isinstance(m, AttentionBlock) for m in net.modules())
+    # 32 channels at ds = 2 and in the middle: 32 // 8 = 4 heads of 8 channels
+    assert {b.self_attn.num_heads for s in sites for b in s.blocks} == {4}
+    assert {b.cross_attn.num_heads for s in sites for b in s.blocks} == {4}
+    x, t, ctx = torch.randn(2, 1, 16, 16), torch.tensor([1, 900]), torch.randn(2, 3, 6)
+    out = net(x, t, ctx)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "cross_attn" in n)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from diffusion_course import pretrained
+from diffusion_course.conditions import encode_captions
+from diffusion_course.nn import ConditionerConfig, UNetConfig
 from diffusion_course.training import Trainer, TrainConfig, load_checkpoint
-from diffusion_course.nn import UNetConfig
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,12 @@ def test_shipped_models_load():
         assert "python -m diffusion_course train" in config["command"], f"{name} does not record its command"
         size = config["unet"]["image_size"]
         x = torch.randn(1, config["unet"]["in_channels"], size, size)
-        assert model(x, torch.zeros(1, dtype=torch.long)).shape == x.shape
+        kwargs = {}
+        if config.get("conditioner"):  # a conditional model (lesson 07) takes one condition per image
+            cc = ConditionerConfig.from_dict(config["conditioner"])
+            kwargs["cond"] = (torch.tensor([cc.num_classes - 1]) if cc.kind == "class" else
+                              encode_captions(["a red circle in the middle"], cc))
+        assert model(x, torch.zeros(1, dtype=torch.long), **kwargs).shape == x.shape
 
 
 def test_the_shipped_ddpm_makes_recognisable_digits():

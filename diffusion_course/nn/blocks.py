@@ -3,7 +3,9 @@ the lecture (DownBlock = ResidualBlock + AttentionBlock; UpBlock alike, with the
 concatenated so its input has more channels than its output).
 
 Taught in lesson 04_unet; the ResidualBlock (without a time embedding) is reused by the autoencoders of
-lessons 05_vae and 06_ldm_autoencoder.
+lessons 05_vae and 06_ldm_autoencoder. In a conditional U-Net (lesson 07_cross_attention) the attention
+of a DownBlock/UpBlock is a SpatialTransformer, which also cross-attends to the condition's tokens.
+``group_norm`` and ``zero_module`` live in ``layers`` and are imported here for older callers.
 """
 from __future__ import annotations
 
@@ -13,27 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionBlock
-
-
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with ``min(groups, channels)`` groups; a clear error when they do not divide the channels.
-
-    Lesson: 04_unet.
-    """
-    g = min(groups, channels)
-    if channels % g:
-        raise ValueError(f"GroupNorm: {channels} channels cannot be split into {g} groups; choose channel "
-                         f"counts that are multiples of {g} (or set norm_groups)")
-    return nn.GroupNorm(g, channels, eps=1e-6)
-
-
-def zero_module(module: nn.Module) -> nn.Module:
-    """Set every parameter of ``module`` to zero and return it. A residual branch that ends in a zeroed
-    layer starts as the identity map. Lesson: 04_unet."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+from .attention import AttentionBlock, attention_heads
+from .layers import group_norm, zero_module
+from .transformer import SpatialTransformer
 
 
 class ResidualBlock(nn.Module):
@@ -109,34 +93,46 @@ class Upsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """The lecture's DownBlock: a ResidualBlock, then (at the chosen resolutions) an AttentionBlock.
+    """The lecture's DownBlock: a ResidualBlock, then (at the chosen resolutions) an attention layer: an
+    AttentionBlock (self-attention) when ``context_dim`` is None, else a SpatialTransformer of
+    ``transformer_depth`` blocks (self-attention, cross-attention to the condition, feed-forward).
 
-    ``(B, C_in, H, W) -> (B, C_out, H, W)``. Lesson: 04_unet.
+    ``forward(x (B, C_in, H, W), emb (B, E), context=None (B, M, context_dim), context_mask=None (B, M))``
+    -> ``(B, C_out, H, W)``. Lesson: 04_unet and 07_cross_attention.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, attention: bool,
                  num_heads: int = 4, dropout: float = 0.0, scale_shift: bool = False,
-                 context_dim: Optional[int] = None, norm_groups: int = 32) -> None:
+                 context_dim: Optional[int] = None, norm_groups: int = 32, transformer_depth: int = 1,
+                 num_head_channels: int = -1) -> None:
         super().__init__()
         self.res = ResidualBlock(in_channels, out_channels, emb_channels, dropout, scale_shift, norm_groups)
-        self.attn = (AttentionBlock(out_channels, num_heads, context_dim, norm_groups) if attention else None)
+        self.attn: Optional[nn.Module] = None
+        if attention:
+            heads = attention_heads(out_channels, num_heads, num_head_channels)
+            self.attn = (AttentionBlock(out_channels, heads, norm_groups) if context_dim is None else
+                         SpatialTransformer(out_channels, heads, context_dim, transformer_depth, norm_groups))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.res(x, emb)
-        return self.attn(h, context) if self.attn is not None else h
+        if isinstance(self.attn, SpatialTransformer):
+            return self.attn(h, context, context_mask)
+        return self.attn(h) if self.attn is not None else h
 
 
 class UpBlock(DownBlock):
     """The lecture's UpBlock: the same structure as a DownBlock, but its input is the previous feature map
     concatenated with a skip connection from the encoder, so ``in_channels = C_prev + C_skip``.
 
-    ``(B, C_prev, H, W), (B, C_skip, H, W) -> (B, C_out, H, W)``. Lesson: 04_unet.
+    ``(B, C_prev, H, W), (B, C_skip, H, W) -> (B, C_out, H, W)``; ``context`` and ``context_mask`` as for
+    the DownBlock. Lesson: 04_unet.
     """
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
-                skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+                skip: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if skip is None:
             raise ValueError("an UpBlock needs the skip connection from the matching DownBlock")
         if skip.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"skip connection of size {tuple(skip.shape[-2:])} does not match {tuple(x.shape[-2:])}")
-        return super().forward(torch.cat([x, skip], dim=1), emb, context)
+        return super().forward(torch.cat([x, skip], dim=1), emb, context, context_mask)

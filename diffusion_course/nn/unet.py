@@ -9,10 +9,15 @@ Layout (image of side S, L = len(channel_mult) levels, ds the current down-sampl
     conv_in (in_channels -> model_channels)
     encoder: per level, num_res_blocks DownBlocks (attention where ds is in attention_resolutions),
              then a Downsample (not after the last level); every output is kept as a skip connection
-    middle:  ResidualBlock -> AttentionBlock -> ResidualBlock
+    middle:  ResidualBlock -> AttentionBlock (SpatialTransformer when conditional) -> ResidualBlock
     decoder: per level (deepest first), num_res_blocks + 1 UpBlocks, each eating one skip connection,
              then an Upsample (not after the first level)
     out:     GroupNorm -> SiLU -> conv (zero-initialised) -> out_channels
+
+With ``context_dim`` set, every attention site (the chosen resolutions and the middle) is a
+SpatialTransformer of ``transformer_depth`` blocks (self-attention, cross-attention to the condition's tokens
+``context`` (B, M, context_dim), GEGLU feed-forward), as in LDM; without it, exactly the DDPM U-Net of
+lesson 04 (an AttentionBlock of self-attention), with the same parameter names.
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .attention import AttentionBlock
-from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample, group_norm, zero_module
+from .attention import AttentionBlock, attention_heads, check_mask
+from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample
 from .embedding import TimeEmbedding
+from .layers import group_norm, zero_module
+from .transformer import SpatialTransformer
 from ..utils import dataclass_from_dict
 
 Modulation = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
@@ -35,7 +42,10 @@ class UNetConfig:
     """Every choice of the U-Net. ``attention_resolutions`` lists down-sampling rates ds (1 = full size,
     2 = half, ...), as in the reference implementations. ``out_channels = 0`` means ``in_channels``.
 
-    Lesson: 04_unet.
+    ``context_dim`` (lesson 07_cross_attention) makes the U-Net conditional: its attention sites become
+    SpatialTransformers of ``transformer_depth`` blocks. An attention layer over C channels has
+    ``C // num_head_channels`` heads when ``num_head_channels > 0``, else ``num_heads``. Configurations saved
+    before these keys existed load with their defaults. Lesson: 04_unet.
     """
 
     image_size: int = 32
@@ -50,6 +60,8 @@ class UNetConfig:
     scale_shift: bool = False
     context_dim: Optional[int] = None
     norm_groups: int = 32
+    transformer_depth: int = 1
+    num_head_channels: int = -1
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -68,6 +80,15 @@ class UNetConfig:
         bad = [r for r in self.attention_resolutions if r not in rates]
         if bad:
             raise ValueError(f"attention_resolutions {bad} are not down-sampling rates of this U-Net ({rates})")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be a positive width (or None for an unconditional U-Net), "
+                             f"got {self.context_dim}")
+        if self.transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be at least 1, got {self.transformer_depth}")
+        attention_channels = [self.model_channels * m for r, m in zip(rates, self.channel_mult)
+                              if r in self.attention_resolutions] + [self.model_channels * self.channel_mult[-1]]
+        for ch in attention_channels:
+            attention_heads(ch, self.num_heads, self.num_head_channels)  # a clear error if they do not divide
 
     @property
     def downsampling_factor(self) -> int:
@@ -86,10 +107,12 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """The U-Net noise predictor: ``forward(x (B, C, H, W), t (B,), context=None, modulation=None)``
-    returns eps_theta of shape ``(B, out_channels, H, W)``.
+    """The U-Net noise predictor: ``forward(x (B, C, H, W), t (B,), context=None, modulation=None,
+    context_mask=None)`` returns eps_theta of shape ``(B, out_channels, H, W)``.
 
-    ``context`` ``(B, M, context_dim)`` feeds the cross-attention layers when ``context_dim`` is set.
+    ``context`` ``(B, M, context_dim)``, the condition's tokens tau_theta(y), feeds the cross-attention
+    layers and is required when ``context_dim`` is set (lesson 07_cross_attention); ``context_mask``
+    ``(B, M)`` bool marks its real tokens (True) and its padding (False).
     ``modulation`` maps a resolution (the feature map's height, as a string such as ``"16"``) to a pair
     ``(alpha, beta)`` of tensors broadcastable to that level's decoder features; each UpBlock's output F at
     that resolution becomes (1 + alpha) * F + beta. :meth:`modulation_channels` tells the channels per key.
@@ -103,8 +126,9 @@ class UNet(nn.Module):
         emb = 4 * mc
         self.time_embed = TimeEmbedding(mc, emb)
         self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
-        kw = dict(num_heads=c.num_heads, dropout=c.dropout, scale_shift=c.scale_shift,
-                  context_dim=c.context_dim, norm_groups=c.norm_groups)
+        kw = dict(num_heads=c.num_heads, dropout=c.dropout, scale_shift=c.scale_shift, context_dim=c.context_dim,
+                  norm_groups=c.norm_groups, transformer_depth=c.transformer_depth,
+                  num_head_channels=c.num_head_channels)
 
         self.down = nn.ModuleList()
         skip_channels: List[int] = [mc]
@@ -120,7 +144,9 @@ class UNet(nn.Module):
                 ds *= 2
 
         self.mid_res1 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
-        self.mid_attn = AttentionBlock(ch, c.num_heads, c.context_dim, c.norm_groups)
+        heads = attention_heads(ch, c.num_heads, c.num_head_channels)
+        self.mid_attn = (AttentionBlock(ch, heads, c.norm_groups) if c.context_dim is None else
+                         SpatialTransformer(ch, heads, c.context_dim, c.transformer_depth, c.norm_groups))
         self.mid_res2 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
 
         self.up = nn.ModuleList()
@@ -160,22 +186,45 @@ class UNet(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
 
+    def _check_context(self, x: torch.Tensor, context: Optional[torch.Tensor],
+                       context_mask: Optional[torch.Tensor]) -> None:
+        d = self.config.context_dim
+        if d is None:
+            if context is not None or context_mask is not None:
+                raise ValueError("context was given, but this U-Net has no cross-attention (context_dim is None); "
+                                 "build it with UNetConfig(context_dim=...) to condition it")
+            return
+        if context is None:
+            raise ValueError(f"this U-Net was built with context_dim {d}: pass context=(B, M, {d}), the "
+                             f"condition's tokens (for the unconditional prediction, the encoder's null condition)")
+        if context.ndim != 3 or context.shape[0] != x.shape[0]:
+            raise ValueError(f"context must have shape (B={x.shape[0]}, M, {d}), got {tuple(context.shape)}")
+        if context.shape[-1] != d:
+            raise ValueError(f"context has width {context.shape[-1]}, but this U-Net's cross-attention layers "
+                             f"were built for context_dim {d}")
+        if context_mask is not None:
+            check_mask(context_mask, context.shape[0], context.shape[1])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
-                modulation: Optional[Modulation] = None) -> torch.Tensor:
+                modulation: Optional[Modulation] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(x, t)
-        if context is not None and not self.config.context_dim:
-            raise ValueError("context was given, but this U-Net has no cross-attention (context_dim is None)")
+        self._check_context(x, context, context_mask)
         emb = self.time_embed(t)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = block(h, emb, context) if isinstance(block, DownBlock) else block(h)
+            h = block(h, emb, context, context_mask) if isinstance(block, DownBlock) else block(h)
             skips.append(h)
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb), context), emb)
+        h = self.mid_res1(h, emb)
+        if isinstance(self.mid_attn, SpatialTransformer):
+            h = self.mid_attn(h, context, context_mask)
+        else:
+            h = self.mid_attn(h)
+        h = self.mid_res2(h, emb)
         used = set()
         for block in self.up:
             if isinstance(block, UpBlock):
-                h = block(h, emb, context, skip=skips.pop())
+                h = block(h, emb, context, skip=skips.pop(), context_mask=context_mask)
                 key = str(h.shape[-2])
                 if modulation is not None and key in modulation:
                     alpha, beta = modulation[key]

@@ -1,0 +1,133 @@
+"""Adherence against diversity over the classifier-free guidance scale, for the shipped conditional models.
+
+* ``--task digits`` (a class-conditional model such as ``cond_digits16``): ``--n`` samples per scale, the labels
+  0..9 in turn, scored by the package's digit classifier: **adherence** (the share read as the asked-for digit),
+  the Fréchet distance (FD) to the real test digits in the classifier's feature space, and the within-class
+  spread (mean distance of a label's samples from their mean in that space: diversity). The floor row scores
+  ``--n`` real training digits the same way.
+* ``--task shapes`` (a caption-conditional model such as ``shapes_caption32``): for the first ``--n`` captions of
+  the shapes ``test`` split and of the ``holdout`` split (captions with a colour-shape pair never seen in
+  training), the share of samples whose every attribute is right by the shipped attribute classifier, with the
+  objects, relations and positions separately. The real images of each split give the classifier's ceiling.
+
+Every row uses DDIM with ``--steps`` steps; the numbers are reported, never asserted.
+
+    python benchmarks/bench_guidance.py --task digits --model cond_digits16 --n 1000 --scales 0,1,2,3,5,8
+    python benchmarks/bench_guidance.py --task shapes --model shapes_caption32 --n 500 --scales 1,3,5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from diffusion_course import classifier, data, metrics, pretrained, shapes, utils  # noqa: E402
+from diffusion_course.conditions import encode_captions  # noqa: E402
+from diffusion_course.nn import ConditionerConfig  # noqa: E402
+from diffusion_course.training import sample_images  # noqa: E402
+
+
+def parse_scales(text: str) -> List[float]:
+    scales = [float(s) for s in text.split(",") if s.strip()]
+    if not scales or min(scales) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated scales >= 0, got {text!r}")
+    return scales
+
+
+def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tensor,
+                 clf: metrics.DigitClassifier) -> Dict[str, float]:
+    """Adherence, FD and within-class spread of 32x32 digit images with the labels ``want``."""
+    probs = clf.predict_proba(images)
+    with torch.no_grad():
+        feats = clf.features(images)
+    classes = [c for c in range(10) if (want == c).sum() > 1]
+    spread = sum((feats[want == c] - feats[want == c].mean(0)).norm(dim=1).mean().item() for c in classes)
+    return dict(adherence=(probs.argmax(1) == want).float().mean().item(),
+                fd=metrics.frechet_distance(images, reference, metrics.ClassifierFeatures(clf)),
+                spread=spread / len(classes))
+
+
+def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    model, diffusion, info = pretrained.load_pretrained(args.model, device=device)
+    S = model.config.image_size
+    to32 = lambda x: data.resize(x.cpu(), 32)  # noqa: E731
+    clf = metrics.load_digit_classifier(32)
+    reference = to32(data.get_dataset("digits", image_size=S, split="test").images)
+    train = data.get_dataset("digits", image_size=S, split="train")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+    rows = [dict(scale=None, name="real train digits", **digit_scores(to32(train.images[pick]), train.labels[pick],
+                                                                         reference, clf))]
+    want = torch.arange(args.n) % 10
+    for s in args.scales:
+        t0 = time.time()
+        xs = sample_images(model, diffusion, args.n, "ddim", args.steps, seed=args.seed, progress=False, cond=want,
+                           guidance_scale=s)
+        secs = time.time() - t0
+        rows.append(dict(scale=s, name=f"s = {s}", seconds=secs, **digit_scores(to32(xs), want, reference, clf)))
+    return dict(step=info["step"], rows=rows)
+
+
+def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    model, diffusion, info = pretrained.load_pretrained(args.model, device=device)
+    config = ConditionerConfig.from_dict(info["conditioner"])
+    segmenter = classifier.load_shape_classifier()
+    rows = []
+    for split in ("test", "holdout"):
+        ds = shapes.shapes_dataset(model.config.image_size, split)
+        sub = ds.subset(torch.arange(min(args.n, len(ds))))
+        real = classifier.adherence_of(segmenter, None, sub)
+        rows.append(dict(split=split, scale=None, name="real images", **_shares(real)))
+        ids = encode_captions(sub.captions, config)
+        for s in args.scales:
+            t0 = time.time()
+            xs = sample_images(model, diffusion, len(sub), "ddim", args.steps, seed=args.seed, progress=False,
+                               cond=ids, guidance_scale=s)
+            secs = time.time() - t0
+            rows.append(dict(split=split, scale=s, name=f"s = {s}", seconds=secs,
+                             **_shares(classifier.adherence_of(segmenter, xs, sub))))
+    return dict(step=info["step"], rows=rows)
+
+
+def _shares(result: Dict[str, Any]) -> Dict[str, float]:
+    return {k: result[k] for k in ("adherence", "objects_right", "relation_right", "position_right", "n")}
+
+
+def main(argv: Any = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("digits", "shapes"), default="digits")
+    p.add_argument("--model", default=None, help="shipped model name or exported folder (default: cond_digits16 "
+                                                  "or shapes_caption32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--n", type=int, default=1000, help="samples per scale (shapes: captions per split)")
+    p.add_argument("--scales", type=parse_scales, default=parse_scales("0,1,2,3,5,8"), help="guidance scales")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.steps < 1:
+        p.error("--n must be >= 2 and --steps >= 1")
+    args.model = args.model or {"digits": "cond_digits16", "shapes": "shapes_caption32"}[args.task]
+    device = torch.device(args.device) if args.device else utils.get_device()
+    result = (bench_digits if args.task == "digits" else bench_shapes)(args, device)
+    result.update(task=args.task, model=args.model, n=args.n, steps=args.steps, device=str(device),
+                  torch=torch.__version__, machine=platform.machine())
+    for r in result["rows"]:
+        where = f"{r['split']:>8} " if "split" in r else ""
+        rest = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                         if k not in ("scale", "name", "split"))
+        print(f"{where}{r['name']:>18}: {rest}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Checkers for the lessons' exercises.
+
+Each ``check_*`` function takes the learner's function, runs it against the package's reference on
+seeded random inputs and prints a verdict:
+
+* correct: it says so and returns the learner's function, which the lesson then uses;
+* still a stub (it raises ``NotImplementedError``): it says "not implemented yet" and returns the
+  reference, so the lesson carries on;
+* wrong: it raises :class:`ExerciseFailed` (an ``AssertionError``) naming the first failing case and
+  a hint. Fix the function, or put the stub back to skip the exercise.
+
+One module per lesson (``lesson01`` ... ), sharing the runner in ``_runner``;
+every checker is importable from here. The exercise mechanism itself (solution markers, the generated learner notebooks) is described in
+:mod:`diffusion_course.exercises`. Taught in lesson 00_setup.
+"""
+from ._runner import Case, ExerciseFailed, run_check
+from . import lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07
+from .lesson01 import *  # noqa: F401,F403
+from .lesson02 import *  # noqa: F401,F403
+from .lesson03 import *  # noqa: F401,F403
+from .lesson04 import *  # noqa: F401,F403
+from .lesson05 import *  # noqa: F401,F403
+from .lesson06 import *  # noqa: F401,F403
+from .lesson07 import *  # noqa: F401,F403
+
+# every (exercise, checker, reference), in lesson order
+ALL_CHECKS = (lesson01.CHECKS + lesson02.CHECKS + lesson03.CHECKS + lesson04.CHECKS + lesson05.CHECKS
+              + lesson06.CHECKS + lesson07.CHECKS)
