@@ -26,6 +26,7 @@ from .nn.conditioning import ConditionerConfig, Tokenizer, build_conditioner
 from .shapes import PAIRS, POSITIONS, RELATIONS, caption_vocabulary, make_caption
 
 CONDITIONS = ("none", "class", "caption", "layout")
+ENCODER_KIND = {"class": "class", "caption": "text", "layout": "layout"}  # condition -> ConditionerConfig.kind
 
 
 def _check_kind(kind: str) -> None:

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .conditions import CONDITIONS, build_model, conditional_data
+from .conditions import CONDITIONS, ENCODER_KIND, build_model, condition_tensor, conditional_data
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .distributed import (barrier, gather_objects, leave_process_group, main_process_first, mean_over_processes,
                           setup_distributed)
@@ -268,8 +268,10 @@ class Trainer:
             if c.condition != "none":
                 context_dim = (unet_config.context_dim if unet_config is not None and unet_config.context_dim
                                else conditioner_config.context_dim if conditioner_config is not None else 64)
-                cond, default = conditional_data(dataset, c.condition, context_dim)
-                conditioner_config = conditioner_config or default
+                if conditioner_config is None:
+                    cond, conditioner_config = conditional_data(dataset, c.condition, context_dim)
+                else:  # the given encoder's own tokenizer, lengths and classes
+                    cond = condition_tensor(dataset, conditioner_config)
         size = c.image_size or (data.shape[-1] if data.ndim == 4 else None)
         if data.ndim != 4 or data.shape[-1] != size or data.shape[-2] != size:
             raise ValueError(f"training images must be square, of shape (N, C, S, S) with S = {size}, "
@@ -278,6 +280,9 @@ class Trainer:
             raise ValueError(f"condition={c.condition!r} needs conditions and a conditioner config exactly when it "
                              f"is not 'none' (got cond={'None' if cond is None else 'a tensor'}, conditioner_config="
                              f"{'None' if conditioner_config is None else conditioner_config.kind})")
+        if conditioner_config is not None and ENCODER_KIND.get(c.condition) != conditioner_config.kind:
+            raise ValueError(f"condition={c.condition!r} needs a {ENCODER_KIND.get(c.condition)!r} condition encoder, "
+                             f"but the conditioner config is of kind {conditioner_config.kind!r}")
         if cond is not None and len(cond) != len(data):
             raise ValueError(f"{len(cond)} conditions for {len(data)} images; give one condition per image")
         context_dim = conditioner_config.context_dim if conditioner_config is not None else None

@@ -179,6 +179,9 @@ def test_mismatched_widths_and_missing_conditions_are_refused():
     with pytest.raises(ValueError, match="one condition per image"):
         Trainer(tiny(), UNetConfig(**UNET), images, torch.zeros(3, dtype=torch.long),
                 ConditionerConfig(kind="class", context_dim=8, num_classes=3))
+    with pytest.raises(ValueError, match="'text' condition encoder"):
+        Trainer(tiny(condition="caption"), UNetConfig(**UNET), images, torch.zeros(16, dtype=torch.long),
+                ConditionerConfig(kind="class", context_dim=8, num_classes=3))
 
 
 def test_command_line_trains_and_samples_a_class_conditional_model(tmp_path, capsys):
@@ -229,3 +232,18 @@ def test_caption_and_layout_conditioned_training_on_the_shapes(condition, kind):
     assert len(trainer.loss_history) == 2 and all(math.isfinite(v) for v in trainer.loss_history)
     assert trainer.sample_cond is not None and trainer.sample().shape == (4, 3, 16, 16)
     assert "conditioner" in trainer.configs() and trainer.configs()["conditioner"]["kind"] == kind
+
+
+def test_command_line_samples_a_caption_conditional_model_and_names_unknown_words(tmp_path, capsys):
+    run = tmp_path / "shapes"
+    assert main(["train", "--dataset", "shapes", "--image-size", "16", "--condition", "caption", "--context-dim",
+                 "8", "--batch-size", "4", "--steps", "1", "--T", "20", "--sample-steps", "2", "--n-samples", "2",
+                 "--model-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--num-heads", "2",
+                 "--norm-groups", "4", "--no-progress", "--device", "cpu", "--out", str(run)]) == 0
+    grid = tmp_path / "c.png"
+    assert main(["sample", "--checkpoint", str(run), "--out", str(grid), "--caption", "a red circle in the middle",
+                 "--caption", "a blue square above a green triangle", "--n", "4", "--steps", "2"]) == 0
+    assert grid.exists()
+    assert main(["sample", "--checkpoint", str(run), "--out", str(grid), "--caption", "a purple circle",
+                 "--n", "2", "--steps", "2"]) == 2
+    assert "purple" in capsys.readouterr().err

@@ -79,3 +79,21 @@ def test_the_shipped_ddpm_makes_recognisable_digits():
     print(metrics.format_quality(q))
     assert q["fd"] < 3.0 and q["confident_share"] > 0.75
     assert min(q["class_histogram"]) >= 5                    # every digit class appears
+
+
+def test_the_shipped_class_conditional_model_draws_the_asked_for_digit():
+    """DDIM with 25 steps and guidance scale 3 from the shipped class-conditional model (lesson 07): the digit
+    classifier reads nearly every sample as the digit asked for, and no guidance (s = 0) is far less faithful."""
+    from diffusion_course import data, metrics
+    from diffusion_course.training import sample_images
+
+    model, diffusion, config = pretrained.load_pretrained("cond_digits16", device="cpu")
+    assert config["conditioner"]["kind"] == "class" and config["unet"]["context_dim"] == 64
+    want = torch.arange(200) % 10
+    clf = metrics.load_digit_classifier(32)
+    share = {}
+    for s in (0.0, 3.0):
+        x = sample_images(model, diffusion, 200, "ddim", 25, seed=0, progress=False, cond=want, guidance_scale=s)
+        share[s] = (clf.predict_proba(data.resize(x, 32)).argmax(1) == want).float().mean().item()
+    print(share)
+    assert share[3.0] > 0.9 and share[0.0] < 0.5
