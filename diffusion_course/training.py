@@ -398,10 +398,12 @@ class Trainer:
         conditional model takes ``cond`` (default: the sample grid's conditions) and ``guidance_scale``.
         Lesson: 04_unet."""
         c = self.config
-        if cond is None and self.sample_cond is not None:
+        if cond is not None:
+            n = n or len(cond)
+        else:
             n = n or c.n_samples
-            cond = self.sample_cond[torch.arange(n) % len(self.sample_cond)]
-        n = len(cond) if cond is not None and n is None else (n or c.n_samples)
+            if self.sample_cond is not None:  # the grid's conditions, repeated to fill n
+                cond = self.sample_cond[torch.arange(n) % len(self.sample_cond)]
         return sample_images(self.ema, self.diffusion, n, sampler or c.sampler,
                              steps or (c.sample_steps if (sampler or c.sampler) == "ddim" else None),
                              c.seed if seed is None else seed, progress=False, cond=cond,

@@ -19,12 +19,7 @@ UNET = dict(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), 
             attention_resolutions=(2,), num_heads=2, norm_groups=4, context_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 def unzeroed_model(seed=0):

@@ -29,12 +29,7 @@ TINY_CLI = ["--image-size", "8", "--batch-size", "8", "--T", "20", "--sample-ste
             "--norm-groups", "4", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 @pytest.fixture(scope="module")
