@@ -5,15 +5,20 @@
   the Fréchet distance (FD) to the real test digits in the classifier's feature space, and the within-class
   spread (mean distance of a label's samples from their mean in that space: diversity). The floor row scores
   ``--n`` real training digits the same way.
-* ``--task shapes`` (a caption-conditional model such as ``shapes_caption32``): for the first ``--n`` captions of
+* ``--task shapes`` (a caption- or layout-conditional model such as ``shapes_caption32``): for the first ``--n`` captions of
   the shapes ``test`` split and of the ``holdout`` split (captions with a colour-shape pair never seen in
   training), the share of samples whose every attribute is right by the shipped attribute classifier, with the
-  objects, relations and positions separately. The real images of each split give the classifier's ceiling.
+  objects, relations and positions separately (a layout model draws from the boxes of the same images). The real
+  images of each split give the classifier's ceiling.
+
+A model is a shipped name or an exported folder, in pixel space (lessons 04, 07) or a latent diffusion model
+(lesson 08, e.g. ``ldm_digits32``, ``ldm_shapes32``), which samples latents and decodes them.
 
 Every row uses DDIM with ``--steps`` steps; the numbers are reported, never asserted.
 
     python benchmarks/bench_guidance.py --task digits --model cond_digits16 --n 1000 --scales 0,1,2,3,5,8
     python benchmarks/bench_guidance.py --task shapes --model shapes_caption32 --n 500 --scales 1,3,5
+    python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 500 --scales 1,3,5
 """
 from __future__ import annotations
 
@@ -23,13 +28,13 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_course import classifier, data, metrics, pretrained, shapes, utils  # noqa: E402
+from diffusion_course import classifier, data, ldm, metrics, pretrained, shapes, utils  # noqa: E402
 from diffusion_course.conditions import encode_captions  # noqa: E402
 from diffusion_course.nn import ConditionerConfig  # noqa: E402
 from diffusion_course.training import sample_images  # noqa: E402
@@ -55,9 +60,23 @@ def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tens
                 spread=spread / len(classes))
 
 
+def load_model(name: str, device: torch.device) -> Tuple[Callable[..., torch.Tensor], int, Dict[str, Any]]:
+    """``(draw(n, cond, scale, steps, seed) -> images in [-1, 1], image size, config dict)`` of a shipped pixel or
+    latent model."""
+    if name in pretrained.available("ldm") or (Path(name) / "config.json").is_file() and \
+            "ldm" in json.loads((Path(name) / "config.json").read_text()):
+        latent, info = ldm.load_latent_diffusion(name, device=device)
+        return (lambda n, cond, scale, steps, seed: latent.sample(n, cond=cond, guidance_scale=scale, steps=steps,
+                                                                   seed=seed),
+                latent.autoencoder.config.image_size, info)
+    model, diffusion, info = pretrained.load_pretrained(name, device=device)
+    return (lambda n, cond, scale, steps, seed: sample_images(model, diffusion, n, "ddim", steps, seed=seed,
+                                                               progress=False, cond=cond, guidance_scale=scale),
+            model.config.image_size, info)
+
+
 def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    model, diffusion, info = pretrained.load_pretrained(args.model, device=device)
-    S = model.config.image_size
+    draw, S, info = load_model(args.model, device)
     to32 = lambda x: data.resize(x.cpu(), 32)  # noqa: E731
     clf = metrics.load_digit_classifier(32)
     reference = to32(data.get_dataset("digits", image_size=S, split="test").images)
@@ -68,28 +87,26 @@ def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     want = torch.arange(args.n) % 10
     for s in args.scales:
         t0 = time.time()
-        xs = sample_images(model, diffusion, args.n, "ddim", args.steps, seed=args.seed, progress=False, cond=want,
-                           guidance_scale=s)
+        xs = draw(args.n, want, s, args.steps, args.seed)
         secs = time.time() - t0
         rows.append(dict(scale=s, name=f"s = {s}", seconds=secs, **digit_scores(to32(xs), want, reference, clf)))
     return dict(step=info["step"], rows=rows)
 
 
 def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    model, diffusion, info = pretrained.load_pretrained(args.model, device=device)
+    draw, S, info = load_model(args.model, device)
     config = ConditionerConfig.from_dict(info["conditioner"])
     segmenter = classifier.load_shape_classifier()
     rows = []
     for split in ("test", "holdout"):
-        ds = shapes.shapes_dataset(model.config.image_size, split)
+        ds = shapes.shapes_dataset(S, split)
         sub = ds.subset(torch.arange(min(args.n, len(ds))))
         real = classifier.adherence_of(segmenter, None, sub)
         rows.append(dict(split=split, scale=None, name="real images", **_shares(real)))
-        ids = encode_captions(sub.captions, config)
+        cond = encode_captions(sub.captions, config) if config.kind == "text" else sub.layout
         for s in args.scales:
             t0 = time.time()
-            xs = sample_images(model, diffusion, len(sub), "ddim", args.steps, seed=args.seed, progress=False,
-                               cond=ids, guidance_scale=s)
+            xs = draw(len(sub), cond, s, args.steps, args.seed)
             secs = time.time() - t0
             rows.append(dict(split=split, scale=s, name=f"s = {s}", seconds=secs,
                              **_shares(classifier.adherence_of(segmenter, xs, sub))))

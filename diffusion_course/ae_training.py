@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from . import checkpoint as ckpt
 from .autoencoder import REGULARIZERS, Autoencoder, AutoencoderConfig, latent_scale_factor
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .losses import AutoencoderLoss, PerceptualLoss
-from .pretrained import add_export_arguments, export_cli, read_asset, write_asset
+from .pretrained import add_export_arguments, export_cli, load_autoencoder, write_asset
+
+__all__ = ["AETrainConfig", "AETrainer", "export_autoencoder", "load_autoencoder", "register_cli"]
 from .utils import dataclass_from_dict, get_device
 
 HISTORY_KEYS = ("loss", "rec", "reg", "g", "d", "d_weight", "perplexity", "usage")
@@ -214,18 +216,6 @@ def export_autoencoder(run_dir: Union[str, Path], out_dir: Union[str, Path], com
     config = {**meta["config"], "step": int(meta["trainer_state"]["step"]),
               "scale_factor": latent_scale_factor(model, images)}
     return write_asset(out_dir, groups["model"], config, command)
-
-
-def load_autoencoder(name: Union[str, Path], device: Optional[Union[str, torch.device]] = None
-                     ) -> Tuple[Autoencoder, Dict[str, Any]]:
-    """A shipped autoencoder by name (or an exported folder by path): ``(Autoencoder in eval mode, config
-    dict)``; the dict holds ``train``, ``autoencoder``, ``step``, ``scale_factor`` and ``command``.
-    Lesson: 06_ldm_autoencoder."""
-    state, config = read_asset(name, "autoencoder")
-    model = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
-    model.load_state_dict(state)
-    model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
-    return model, config
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class GaussianDiffusion:
     """The DDPM process for a schedule beta_1..beta_T.
 
     ``schedule`` is a :class:`~diffusion_course.schedules.Schedule`, a 1-D tensor of betas, or a
-    schedule name (``"linear"``/``"cosine"``) used with ``T`` steps. ``clip_x0`` (default False, which is
+    schedule name (``"linear"``, ``"cosine"``, ``"scaled_linear"``) used with ``T`` steps. ``clip_x0`` (default False, which is
     Algorithm 2 verbatim) clamps the predicted x_0 to [-1, 1] while sampling: right for images in pixel
     space, wrong for latents (lesson 08), whose range is not [-1, 1].
 

@@ -53,10 +53,12 @@ def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -
 
 class ClassifierFreeGuidance(nn.Module):
     """A conditional denoiser ``model(x, t, cond=..., drop=...)`` turned into the guided eps-model
-    ``forward(x (B, C, H, W), t (B,), cond (B, ...)) -> (B, C, H, W)``.
+    ``forward(x (B, C, H, W), t (B,), cond (B, ...), concat=None) -> (B, C, H, W)``; a spatial condition
+    ``concat`` (lesson 08) is kept in both halves: only the tokens are dropped.
 
     Each call stacks the batch twice, conditions kept in the first half and dropped (the null condition) in
-    the second, runs the network once on the 2B inputs, and combines the halves with :func:`guided_eps`.
+    the second, runs the network once on the 2B inputs, and combines the halves with :func:`guided_eps`; at
+    s = 1 (the conditional model) and s = 0 (the unconditional one) it runs only the half that counts.
     ``config`` is the wrapped model's, so the package's samplers read the image shape from it.
     Lesson: 07_cross_attention.
     """
@@ -71,13 +73,18 @@ class ClassifierFreeGuidance(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                concat: Optional[torch.Tensor] = None) -> torch.Tensor:
         if cond is None:
             raise ValueError("classifier-free guidance needs a condition: pass cond=... (one per image)")
         B = x.shape[0]
         if len(cond) != B:
             raise ValueError(f"{len(cond)} conditions for a batch of {B} images; give one condition per image")
+        if self.scale in (0.0, 1.0):  # one half has weight zero: call the network on the other half only
+            drop = torch.full((B,), self.scale == 0.0, dtype=torch.bool, device=x.device)
+            return self.model(x, t, cond=cond, drop=drop, **({} if concat is None else {"concat": concat}))
         drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
-        eps = self.model(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([cond, cond]), drop=drop)
+        extra = {} if concat is None else {"concat": torch.cat([concat, concat])}  # spatial conditions stay in both
+        eps = self.model(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([cond, cond]), drop=drop, **extra)
         eps_cond, eps_uncond = eps.chunk(2)
         return guided_eps(eps_cond, eps_uncond, self.scale)

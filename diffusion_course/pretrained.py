@@ -15,6 +15,7 @@ An asset folder ``diffusion_course/assets/<name>/`` holds
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
+from .autoencoder import Autoencoder, AutoencoderConfig
 from .conditions import build_model
 from .ddpm import GaussianDiffusion
 from .nn import ConditionerConfig, UNetConfig
@@ -33,11 +35,20 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def _kind_of(config: Dict[str, Any]) -> str:
+    """What an asset's config.json describes: ``ldm`` (holds a U-Net and an autoencoder too), ``unet``,
+    ``autoencoder``, or another key (e.g. ``classifier``)."""
+    for kind in ("ldm", "unet", "autoencoder"):
+        if kind in config:
+            return kind
+    return next(iter(config), "")
+
+
 def available(kind: str = "unet") -> List[str]:
-    """Names of the shipped models of one kind: ``"unet"`` (DDPM models) or ``"autoencoder"``, the key
-    their config.json holds. Lesson: 04_unet."""
+    """Names of the shipped models of one kind: ``"unet"`` (DDPM models, lessons 04 and 07),
+    ``"autoencoder"`` (lesson 06) or ``"ldm"`` (latent diffusion, lesson 08). Lesson: 04_unet."""
     return sorted(p.name for p in ASSETS.glob("*") if (p / WEIGHTS_FILE).is_file() and (p / "config.json").is_file()
-                  and kind in json.loads((p / "config.json").read_text()))
+                  and _kind_of(json.loads((p / "config.json").read_text())) == kind)
 
 
 def write_asset(out_dir: Union[str, os.PathLike], weights: Dict[str, torch.Tensor], config: Dict[str, Any],
@@ -60,8 +71,10 @@ def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torc
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / "config.json").is_file():
         raise ValueError(f"no shipped {kind} model {str(name)!r}; available: {', '.join(available(kind)) or 'none'}")
     config = json.loads((folder / "config.json").read_text())
-    if kind not in config:
-        raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}")
+    if _kind_of(config) != kind:
+        hint = (" (a latent diffusion model: load it with diffusion_course.ldm.load_latent_diffusion)"
+                if "ldm" in config else "")
+        raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}{hint}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
     return state, {**config, "command": command}
@@ -70,12 +83,33 @@ def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torc
 def export(run_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], command: str = "",
            dtype: torch.dtype = torch.float16) -> Path:
     """Write the EMA weights of a training run (cast to ``dtype``), its configuration and the commands that
-    made it into ``out_dir``, each file atomically. Returns ``out_dir``. Lesson: 04_unet."""
+    made it into ``out_dir``, each file atomically. A latent diffusion run's asset names the shipped
+    autoencoder it was trained on, with the SHA-256 of its weights, or else holds the autoencoder's weights
+    (float32). Returns ``out_dir``. Lesson: 04_unet."""
     groups, meta = ckpt.read_checkpoint(run_dir)
     if "ema" not in groups:
         raise ValueError(f"{run_dir} holds no EMA weights; is it a run folder of `python -m diffusion_course train`?")
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in groups["ema"].items()}
-    return write_asset(out_dir, weights, {**meta["config"], "step": int(meta["trainer_state"]["step"])}, command)
+    config = {**meta["config"], "step": int(meta["trainer_state"]["step"])}
+    if "ldm" in config:  # latent diffusion: the denoiser, and its frozen autoencoder or a reference to it
+        weights = {f"denoiser.{k}": v for k, v in weights.items()}
+        name = config["train"].get("autoencoder")
+        if name in available("autoencoder") and _same(read_asset(name, "autoencoder")[0], groups["autoencoder"]):
+            config["ldm"] = {**config["ldm"], "autoencoder_asset": name, "autoencoder_sha256": asset_sha256(name)}
+        else:  # not a shipped one: the asset carries it (float32)
+            weights.update({f"autoencoder.{k}": v for k, v in groups["autoencoder"].items()})
+    return write_asset(out_dir, weights, config, command)
+
+
+def _same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def asset_sha256(name: Union[str, os.PathLike]) -> str:
+    """The SHA-256 of a shipped model's (or exported folder's) weights file: what a latent diffusion asset
+    records of the shipped autoencoder it was trained on. Lesson: 08_latent_diffusion."""
+    folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
+    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
@@ -94,6 +128,18 @@ def load_pretrained(name: Union[str, os.PathLike], device: Optional[Union[str, t
     train = config["train"]
     diffusion = GaussianDiffusion(train["schedule"], train["T"], clip_x0=train.get("clip_x0", False))
     return model, diffusion, config
+
+
+def load_autoencoder(name: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None
+                     ) -> Tuple[Autoencoder, Dict[str, Any]]:
+    """A shipped autoencoder by name (or an exported folder by path): ``(Autoencoder in eval mode, config
+    dict)``; the dict holds ``train``, ``autoencoder``, ``step``, ``scale_factor`` and ``command``.
+    Lesson: 06_ldm_autoencoder."""
+    state, config = read_asset(name, "autoencoder")
+    model = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
+    model.load_state_dict(state)
+    model = model.to(torch.device(device) if device is not None else get_device()).eval().requires_grad_(False)
+    return model, config
 
 
 def add_export_arguments(p: Any, trained_by: str) -> None:

@@ -59,16 +59,33 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
-def scaled_linear_betas(T: int = 1000) -> torch.Tensor:
+def rescaled_linear_betas(T: int = 1000) -> torch.Tensor:
     """The linear schedule rescaled for any T so that abar_T stays about the same as DDPM's at T = 1000.
 
     beta_start = 1e-4 * 1000 / T and beta_end = 0.02 * 1000 / T (as in Nichol & Dhariwal's code); for
-    T = 1000 it is exactly DDPM's schedule. Lesson: 01_forward_process.
+    T = 1000 it is exactly DDPM's schedule. This is the package's ``"linear"`` schedule. (It is not what
+    the diffusers library calls ``scaled_linear``: that is :func:`sqrt_linear_betas`.) Lesson: 01_forward_process.
     """
     _check_T(T)
     scale = 1000.0 / T
     beta_end = min(0.02 * scale, 0.999)
     return linear_betas(T, min(1e-4 * scale, beta_end), beta_end)
+
+
+def sqrt_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion's schedule: sqrt(beta_t) rises linearly from sqrt(0.00085) to sqrt(0.012), so
+    beta_t = (sqrt(beta_start) + (t - 1) / (T - 1) (sqrt(beta_end) - sqrt(beta_start)))^2.
+
+    These are the values of the LDM and Stable Diffusion configurations (``linear_start``/``linear_end``;
+    Rombach et al. 2022), whose code calls it ``linear`` and the diffusers library ``scaled_linear``; the
+    package names it ``"scaled_linear"`` as diffusers does. Its betas stay small (abar_T is about 0.0047
+    at T = 1000, against 4e-5 for DDPM's linear schedule): latents of unit variance need less noise
+    to lose their content than pixels do. Float64, shape ``(T,)``. Lesson: 08_latent_diffusion.
+    """
+    _check_T(T)
+    if not (0 < beta_start <= beta_end < 1):
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2
 
 
 def cosine_alpha_bar(t: torch.Tensor, T: int, s: float = 0.008) -> torch.Tensor:
@@ -95,13 +112,14 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
 
 
 SCHEDULES: Dict[str, Callable[[int], torch.Tensor]] = {
-    "linear": scaled_linear_betas,
+    "linear": rescaled_linear_betas,
     "cosine": cosine_betas,
+    "scaled_linear": sqrt_linear_betas,
 }
 
 
 def make_betas(name: str, T: int = 1000) -> torch.Tensor:
-    """Betas of the named schedule (``"linear"`` or ``"cosine"``), float64, shape ``(T,)``.
+    """Betas of the named schedule (``"linear"``, ``"cosine"`` or ``"scaled_linear"``), float64, shape ``(T,)``.
 
     Lesson: 01_forward_process.
     """

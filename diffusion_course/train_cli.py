@@ -25,10 +25,13 @@ from typing import Any, Dict
 from . import checkpoint as ckpt
 import torch
 
+from .autoencoder import AutoencoderConfig
 from .conditions import conditional_data, encode_captions
 from .data import DatasetUnavailable, get_dataset
 from .distributed import leave_process_group, main_process_first, setup_distributed
+from .ldm import LatentDiffusion, latent_unet_config
 from .nn import ConditionerConfig, UNetConfig
+from .pretrained import read_asset
 from .training import SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid
 
 TRAIN_HELP = {
@@ -44,8 +47,8 @@ TRAIN_HELP = {
     "grad_clip": "clip the gradient norm to this (0: off)",
     "seed": "seed of the initial weights and of every random stream",
     "T": "number of diffusion steps",
-    "schedule": "beta schedule: linear or cosine",
-    "clip_x0": "clamp the predicted x_0 to [-1, 1] while sampling",
+    "schedule": "beta schedule: linear, cosine or scaled_linear (latent diffusion's)",
+    "clip_x0": "clamp the predicted x_0 to [-1, 1] while sampling (unset: on in pixel space, off for latents)",
     "sample_every": "write a sample grid every this many steps (0: only at the end)",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "n_samples": "images in each sample grid",
@@ -58,8 +61,13 @@ TRAIN_HELP = {
     "condition": "none (unconditional), class, caption or layout (the last two: shapes only)",
     "p_uncond": "probability of training a condition as the null condition (classifier-free guidance)",
     "guidance_scale": "classifier-free guidance scale of the sample grids",
+    "autoencoder": "latent diffusion: a shipped autoencoder (e.g. ae_digits32_f4) or an exported folder; the model "
+                   "trains on its latents",
+    "spatial": "latent diffusion's spatial condition concatenated to z_t: none, inpaint or semantic (shapes)",
+    "p_hide_all": "inpainting runs: probability that a training mask hides the whole image (plain generation)",
 }
-OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str}
+OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str, "autoencoder": str}
+BOOLEANS = ("ema_warmup", "progress", "clip_x0")
 UNET_ARGS = {
     "model_channels": (int, "U-Net base channels"),
     "channel_mult": (lambda s: tuple(int(v) for v in s.split(",")), "channel multiplier per level, e.g. 1,2,2"),
@@ -83,7 +91,7 @@ def _add_train_parser(subparsers: Any) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f"(default: {f.default})"
-        if isinstance(f.default, bool):
+        if f.name in BOOLEANS:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{TRAIN_HELP[f.name]} {default}")
         else:
@@ -152,8 +160,15 @@ def _train(args: argparse.Namespace) -> int:
             if config.condition != "none":
                 unet_over.setdefault("context_dim", 64)
             cond, cc = conditional_data(dataset, config.condition, unet_over.get("context_dim") or 64)
-            unet = UNetConfig(**{"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})
-            trainer = Trainer(config, unet, data, cond, cc)
+            if config.autoencoder is None:
+                unet = UNetConfig(**{"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})
+                trainer = Trainer(config, unet, data, cond, cc)
+            else:  # a latent run: the U-Net's shape comes from the autoencoder (and the data set's maps)
+                _, ae = read_asset(config.autoencoder, "autoencoder")
+                classes = len(dataset.classes) + 1 if config.spatial == "semantic" else 0
+                unet = latent_unet_config(AutoencoderConfig.from_dict(ae["autoencoder"]), config.spatial, classes,
+                                          **unet_over)
+                trainer = Trainer(config, unet, conditioner_config=cc)
     except (ValueError, FileNotFoundError, NotADirectoryError, DatasetUnavailable) as e:
         if created:
             leave_process_group()
@@ -179,8 +194,17 @@ def _sample(args: argparse.Namespace) -> int:
         if args.n < 1:
             raise ValueError(f"--n must be positive, got {args.n}")
         cond = _conditions(args, configs["conditioner"])
-        images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,
-                               cond=cond, guidance_scale=args.guidance_scale)
+        if isinstance(model, LatentDiffusion):  # a latent run: sample latents, decode them
+            if model.spatial != "none":
+                raise ValueError(f"this latent model needs its {model.spatial} condition, which the command line does "
+                                 f"not take; use LatentDiffusion.sample(concat=...) or .inpaint(...) in Python")
+            if args.sampler == "ddpm" and args.steps not in (None, diffusion.T):
+                raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use the DDIM sampler for {args.steps}")
+            images = model.sample(args.n, cond, args.guidance_scale, sampler=args.sampler, steps=args.steps or 50,
+                                  eta=args.eta, seed=args.seed)
+        else:
+            images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,
+                                   cond=cond, guidance_scale=args.guidance_scale)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         return _fail(str(e))
     path = save_grid(images, args.out, args.nrow)

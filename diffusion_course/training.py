@@ -24,6 +24,14 @@ optimised together, and each condition is replaced by the learned null condition
 
     trainer = Trainer(TrainConfig(dataset="digits", image_size=16, condition="class", p_uncond=0.1))
     images = trainer.sample(10, cond=torch.arange(10), guidance_scale=3.0)
+
+Latent diffusion (lesson 08_latent_diffusion): with ``autoencoder`` (a shipped autoencoder's name or an exported
+folder) the same loop trains the denoiser on the latents z_0 = s E(x) of the data, encoded once by the frozen
+autoencoder, with L_cond; ``spatial`` adds a spatial condition concatenated to z_t (``inpaint``: the known
+latent and a random keep mask drawn each step; ``semantic``: the shapes' semantic maps); samples are decoded:
+
+    trainer = Trainer(TrainConfig(dataset="digits", image_size=32, condition="class", autoencoder="ae_digits32_f4",
+                                  schedule="scaled_linear"))
 """
 from __future__ import annotations
 
@@ -47,7 +55,11 @@ from .distributed import (barrier, gather_objects, leave_process_group, main_pro
                           setup_distributed)
 from .ddpm import GaussianDiffusion
 from .guidance import ClassifierFreeGuidance, condition_dropout
-from .nn import ConditionerConfig, UNetConfig
+from .ldm import (SPATIAL, LatentDiffusion, box_keep_masks, encode_images, inpaint_condition, latent_diffusion_from,
+                  latent_unet_config, random_keep_masks, semantic_condition, spatial_channels)
+from .autoencoder import latent_scale_factor
+from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
+from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
 from .utils import dataclass_from_dict, get_device
 from .viz import make_grid
@@ -69,7 +81,12 @@ class TrainConfig:
     ``auto``, ``bf16``, ``fp16``, ``off``; ``device = None`` picks the best one. ``image_size = None`` takes
     the data's own size. ``condition`` is ``none`` (unconditional), ``class``, ``caption`` or ``layout``
     (lesson 07); ``p_uncond`` is the probability of training a condition as the null condition, and
-    ``guidance_scale`` the classifier-free guidance scale of the sample grids. Lesson: 04_unet.
+    ``guidance_scale`` the classifier-free guidance scale of the sample grids. ``autoencoder`` (a shipped
+    autoencoder's name or an exported folder) makes it a latent diffusion run (lesson 08) and ``spatial``
+    (``none``, ``inpaint``, ``semantic``) its spatial condition; an inpainting run hides a random rectangle of each
+    training latent, or with probability ``p_hide_all`` all of it, so that one model both inpaints and
+    generates. ``clip_x0 = None`` means True in pixel space
+    and False in latent space (clipping latents to [-1, 1] is an error). Lesson: 04_unet.
     """
 
     dataset: str = "digits"
@@ -85,7 +102,7 @@ class TrainConfig:
     seed: int = 0
     T: int = 1000
     schedule: str = "linear"
-    clip_x0: bool = True
+    clip_x0: Optional[bool] = None
     sample_every: int = 500
     checkpoint_every: int = 500
     n_samples: int = 16
@@ -98,8 +115,22 @@ class TrainConfig:
     condition: str = "none"
     p_uncond: float = 0.1
     guidance_scale: float = 3.0
+    autoencoder: Optional[str] = None
+    spatial: str = "none"
+    p_hide_all: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.clip_x0 is None:
+            self.clip_x0 = self.autoencoder is None
+        if self.autoencoder is not None and self.clip_x0:
+            raise ValueError("a latent diffusion run (autoencoder=...) must not clip x_0 to [-1, 1]: latents are not "
+                             "in [-1, 1]; leave clip_x0 unset or set it False")
+        if self.spatial not in SPATIAL:
+            raise ValueError(f"unknown spatial condition {self.spatial!r}; valid: {', '.join(SPATIAL)}")
+        if not 0.0 <= self.p_hide_all <= 1.0:
+            raise ValueError(f"p_hide_all must lie in [0, 1], got {self.p_hide_all}")
+        if self.spatial != "none" and self.autoencoder is None:
+            raise ValueError(f"spatial={self.spatial!r} is a latent diffusion condition: give an autoencoder too")
         names = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS
         if self.dataset not in names:
             raise ValueError(f"unknown data set {self.dataset!r}; valid names: {', '.join(names)}")
@@ -259,6 +290,7 @@ class Trainer:
                  conditioner_config: Optional[ConditionerConfig] = None) -> None:
         self.config = c = config
         self.dist, self.device, self._owns_group = setup_distributed(c.device)
+        dataset = None
         if data is None:
             if cond is not None:
                 raise ValueError("cond was given without data: pass the images it belongs to as data=")
@@ -276,6 +308,26 @@ class Trainer:
         if data.ndim != 4 or data.shape[-1] != size or data.shape[-2] != size:
             raise ValueError(f"training images must be square, of shape (N, C, S, S) with S = {size}, "
                              f"got {tuple(data.shape)}")
+        # latent diffusion (lesson 08): the frozen autoencoder encodes the data once; the loop sees latents
+        self.latent: Optional[LatentDiffusion] = None
+        self.pixels: Optional[torch.Tensor] = None
+        semantic, extra, num_classes = None, 0, 0
+        if c.autoencoder is not None:
+            autoencoder, info = load_autoencoder(c.autoencoder, device=self.device)
+            a = autoencoder.config
+            if (a.in_channels, a.image_size) != (data.shape[1], size):
+                raise ValueError(f"the autoencoder {c.autoencoder!r} takes {a.in_channels}-channel images of size "
+                                 f"{a.image_size}; the data has {data.shape[1]} channels and size {size}")
+            scale_factor = info.get("scale_factor") or latent_scale_factor(autoencoder, data)
+            if c.spatial == "semantic":
+                if dataset is None or getattr(dataset, "masks", None) is None:
+                    raise ValueError("spatial='semantic' needs a data set with semantic maps (the shapes)")
+                num_classes = len(dataset.classes) + 1  # the background is class 0
+                semantic = semantic_condition(dataset.masks, num_classes, a.image_size // a.latent_shape[1])
+            extra = spatial_channels(c.spatial, a.latent_shape[0], num_classes)
+            self.pixels = data
+            data = encode_images(autoencoder, data, scale_factor, progress=c.progress and self.dist.is_main)
+            size = data.shape[-1]
         if (c.condition == "none") != (cond is None) or (cond is None) != (conditioner_config is None):
             raise ValueError(f"condition={c.condition!r} needs conditions and a conditioner config exactly when it "
                              f"is not 'none' (got cond={'None' if cond is None else 'a tensor'}, conditioner_config="
@@ -286,18 +338,28 @@ class Trainer:
         if cond is not None and len(cond) != len(data):
             raise ValueError(f"{len(cond)} conditions for {len(data)} images; give one condition per image")
         context_dim = conditioner_config.context_dim if conditioner_config is not None else None
-        unet_config = unet_config or UNetConfig(image_size=size, in_channels=data.shape[1], context_dim=context_dim)
-        if unet_config.image_size != size or unet_config.in_channels != data.shape[1]:
-            raise ValueError(f"the U-Net is built for {unet_config.in_channels}-channel images of size "
-                             f"{unet_config.image_size}, the data has {data.shape[1]} channels and size "
-                             f"{size}; make UNetConfig's image_size and in_channels match")
+        if unet_config is None:
+            unet_config = (UNetConfig(image_size=size, in_channels=data.shape[1], context_dim=context_dim)
+                           if c.autoencoder is None else
+                           latent_unet_config(autoencoder.config, c.spatial, num_classes, context_dim=context_dim))
+        if (unet_config.image_size, unet_config.in_channels, unet_config.out_channels) != (
+                size, data.shape[1] + extra, data.shape[1]):
+            what = "images" if c.autoencoder is None else "latents"
+            plus = f" (+ {extra} channels of the {c.spatial} condition)" if extra else ""
+            raise ValueError(f"the U-Net is built for size {unet_config.image_size}, in_channels "
+                             f"{unet_config.in_channels}, out_channels {unet_config.out_channels}; the {what} have "
+                             f"size {size} and {data.shape[1]} channels{plus}: make UNetConfig's image_size, "
+                             f"in_channels and out_channels match")
         self.unet_config, self.conditioner_config, self.image_size = unet_config, conditioner_config, size
         world = self.dist.world_size
         if c.batch_size % world:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {world}")
 
         torch.manual_seed(c.seed)  # the same initial weights on every process and in every run
-        self.model = build_model(unet_config, conditioner_config).to(self.device)
+        self.model = build_model(unet_config, conditioner_config)
+        if c.autoencoder is not None and not isinstance(self.model, ConditionalDenoiser):
+            self.model = ConditionalDenoiser(self.model)  # the home of the concatenated spatial condition
+        self.model = self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
         self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
@@ -305,6 +367,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.diffusion = GaussianDiffusion(c.schedule, c.T, clip_x0=c.clip_x0)
+        if c.autoencoder is not None:  # what samples: the autoencoder and the EMA denoiser
+            self.latent = LatentDiffusion(autoencoder, self.ema, self.diffusion, scale_factor, c.spatial, num_classes)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.amp_dtype = select_amp(self.device, c.amp)
         self.scaler = torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
@@ -312,14 +376,21 @@ class Trainer:
         # every random number of the loop comes from these two generators (CPU, one pair per process)
         self.data_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 0))
         self.noise_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 1))
-        extra = () if cond is None else (cond,)
-        self.batches = random_batches(data, c.batch_size // world, *extra, generator=self.data_generator)
+        extras = tuple(x for x in (cond, semantic) if x is not None)
+        self.batches = random_batches(data, c.batch_size // world, *extras, generator=self.data_generator)
         # the conditions of the sample grids: every class in turn, or the first conditions of the data
         self.sample_cond: Optional[torch.Tensor] = None
         if cond is not None:
             n = c.n_samples
             self.sample_cond = (torch.arange(n) % conditioner_config.num_classes if conditioner_config.kind == "class"
                                 else cond[torch.arange(n) % len(cond)])
+        # the spatial conditions of the sample grids: the first images' semantic maps, or their inpainting
+        rows = torch.arange(c.n_samples) % len(data)
+        self.sample_semantic = semantic[rows] if semantic is not None else None
+        self.sample_keep: Optional[torch.Tensor] = None  # an inpainting run's grids: a centred square hole
+        if c.spatial == "inpaint":
+            S = self.pixels.shape[-1]
+            self.sample_keep = box_keep_masks(torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(c.n_samples, 4), S)
         self.step = 0
         self.loss_history: List[float] = []
 
@@ -335,17 +406,24 @@ class Trainer:
         c = self.config
         self.net.train()
         batch = next(self.batches)
-        x0, kwargs = (batch, None) if self.conditioner_config is None else (batch[0], {"cond": batch[1]})
-        x0 = x0.to(self.device, non_blocking=True)  # (B / world, C, S, S)
-        if kwargs is not None:  # the condition, dropped to the null condition with probability p_uncond
-            kwargs = {"cond": kwargs["cond"].to(self.device, non_blocking=True),
+        batch = list(batch) if isinstance(batch, tuple) else [batch]
+        x0 = batch.pop(0).to(self.device, non_blocking=True)  # (B / world, C, S, S): images, or latents z_0
+        kwargs: Dict[str, Any] = {}
+        if self.conditioner_config is not None:  # the condition, dropped to the null one with probability p_uncond
+            kwargs = {"cond": batch.pop(0).to(self.device, non_blocking=True),
                       "drop": condition_dropout(x0.shape[0], c.p_uncond, self.noise_generator, self.device)}
+        if c.spatial == "semantic":  # (B, K, h, w), stacked onto z_t
+            kwargs["concat"] = batch.pop(0).to(self.device, non_blocking=True)
+        elif c.spatial == "inpaint":  # a fresh random hole in each latent; the rest is known
+            keep = random_keep_masks(x0.shape[0], x0.shape[-1], self.noise_generator,
+                                     p_hide_all=c.p_hide_all).to(self.device)
+            kwargs["concat"] = inpaint_condition(x0, keep)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            loss = self.diffusion.L_simple(self.net, x0, model_kwargs=kwargs, generator=self.noise_generator)
+            loss = self.diffusion.L_simple(self.net, x0, model_kwargs=kwargs or None, generator=self.noise_generator)
         self.scaler.scale(loss).backward()  # under DDP this averages the gradients over processes
         value = mean_over_processes(loss, self.dist)
         if not np.isfinite(value):
@@ -404,10 +482,25 @@ class Trainer:
             n = n or c.n_samples
             if self.sample_cond is not None:  # the grid's conditions, repeated to fill n
                 cond = self.sample_cond[torch.arange(n) % len(self.sample_cond)]
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        seed = c.seed if seed is None else seed
+        if self.latent is not None:
+            return self._sample_latent(n, sampler or c.sampler, steps or c.sample_steps, seed, cond, guidance_scale)
         return sample_images(self.ema, self.diffusion, n, sampler or c.sampler,
                              steps or (c.sample_steps if (sampler or c.sampler) == "ddim" else None),
-                             c.seed if seed is None else seed, progress=False, cond=cond,
-                             guidance_scale=c.guidance_scale if guidance_scale is None else guidance_scale)
+                             seed, progress=False, cond=cond, guidance_scale=guidance_scale)
+
+    def _sample_latent(self, n: int, sampler: str, steps: int, seed: int, cond: Optional[torch.Tensor],
+                       guidance_scale: float) -> torch.Tensor:
+        """Decoded samples of a latent run; an inpainting run fills the grid images' centres, a semantic run
+        follows the grid images' maps."""
+        rows = torch.arange(n) % len(self.pixels)
+        if self.config.spatial == "inpaint":
+            keep = self.sample_keep[torch.arange(n) % len(self.sample_keep)]
+            return self.latent.inpaint(self.pixels[rows], keep, cond, guidance_scale, steps, seed)
+        concat = self.sample_semantic[torch.arange(n) % len(self.sample_semantic)] \
+            if self.sample_semantic is not None else None
+        return self.latent.sample(n, cond, guidance_scale, concat, sampler, steps, seed=seed)
 
     def save_samples(self) -> Optional[Path]:
         """Write a sample grid to ``out/samples/step_NNNNNN.png`` (rank 0 only). Lesson: 04_unet."""
@@ -422,6 +515,8 @@ class Trainer:
         out = {"train": self.config.to_dict(), "unet": self.unet_config.to_dict()}
         if self.conditioner_config is not None:
             out["conditioner"] = self.conditioner_config.to_dict()
+        if self.latent is not None:  # "ldm" (scale factor, spatial condition) and "autoencoder"
+            out.update(self.latent.asset_config())
         return out
 
     def _rng_states(self) -> Dict[str, torch.Tensor]:
@@ -444,6 +539,8 @@ class Trainer:
             groups = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": opt_tensors,
                       "state": {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64)},
                       "rng": {f"{r}/{name}": t for r, states in enumerate(rngs) for name, t in states.items()}}
+            if self.latent is not None:  # the frozen autoencoder travels with the run
+                groups["autoencoder"] = self.latent.autoencoder.state_dict()
             meta = {"config": self.configs(), "optimizer": opt_rest,
                     "trainer_state": {"step": self.step, "world_size": self.dist.world_size,
                                       "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}}
@@ -462,6 +559,8 @@ class Trainer:
                              "--resume reads them for you) or train into a new folder")
         self.model.load_state_dict(groups["model"])
         self.ema.load_state_dict(groups["ema"])
+        if self.latent is not None:
+            self.latent.autoencoder.load_state_dict(groups["autoencoder"])
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(groups.get("optimizer", {}), meta["optimizer"]))
         state = meta["trainer_state"]
         if state.get("scaler") and self.scaler.is_enabled():
@@ -493,9 +592,18 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Optional[Union[str, t
     """A trained model from its run folder: ``(model, diffusion, configs)`` with the U-Net (or the
     conditional denoiser) holding the EMA weights (eval mode, on ``device`` or the best one), its
     :class:`GaussianDiffusion`, and ``{"train": TrainConfig, "unet": UNetConfig, "conditioner":
-    ConditionerConfig or None, "step": int}``. Lesson: 04_unet."""
+    ConditionerConfig or None, "step": int}``. The run of a latent diffusion model gives its
+    :class:`~diffusion_course.ldm.LatentDiffusion` as the model (lesson 08). Lesson: 04_unet."""
     groups, meta = ckpt.read_checkpoint(path)
     train = TrainConfig.from_dict(meta["config"]["train"])
+    if "ldm" in meta["config"]:  # a latent diffusion run: the LatentDiffusion model, autoencoder included
+        state = {**{f"denoiser.{k}": v for k, v in groups["ema"].items()},
+                 **{f"autoencoder.{k}": v for k, v in groups["autoencoder"].items()}}
+        model = latent_diffusion_from(state, meta["config"], device)
+        cc = meta["config"].get("conditioner")
+        return model, model.diffusion, {"train": train, "unet": UNetConfig.from_dict(meta["config"]["unet"]),
+                                        "conditioner": ConditionerConfig.from_dict(cc) if cc else None,
+                                        "step": int(meta["trainer_state"]["step"])}
     unet_config = UNetConfig.from_dict(meta["config"]["unet"])
     cc = meta["config"].get("conditioner")
     conditioner_config = ConditionerConfig.from_dict(cc) if cc else None

@@ -48,3 +48,38 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
     assert result["model"] == "cond_digits16" and shapes_result["model"] == "shapes_caption32"
     with pytest.raises(SystemExit):
         load("bench_guidance").main(["--scales", "-1"])
+    # a latent diffusion model (lesson 08) goes through the same script
+    latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
+                                          "--scales", "3", "--steps", "2"])
+    assert latent["model"] == "ldm_shapes32" and len(latent["rows"]) == 4
+
+
+def test_bench_ldm_tasks_measures_inpainting_layout_and_semantic_maps(tmp_path, one_thread):
+    out = tmp_path / "t.json"
+    result = load("bench_ldm_tasks").main(["--n", "3", "--steps", "2", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["task"] for r in rows] == ["inpainting", "layout to image", "semantic map to image"]
+    inpaint = rows[0]
+    assert all(0 < inpaint[k] < 100 for k in ("psnr_kept_vs_reconstruction", "psnr_kept_vs_image",
+                                               "psnr_reconstruction_vs_image"))
+    assert 0 < inpaint["hidden_share"] < 1 and all(0 <= r.get("adherence", 0) <= 1 for r in rows)
+    assert 0 <= rows[2]["shape_pixel_agreement"] <= 1 and result["n"] == 3
+
+
+def test_bench_latent_measures_costs_and_quality_in_a_budget(tmp_path, one_thread):
+    out = tmp_path / "l.json"
+    with pytest.warns(UserWarning, match="fewer samples"):
+        result = load("bench_latent").main(["--device", "cpu", "--budget-s", "0.5", "--batch-size", "2", "--n", "12",
+                                            "--steps", "2", "--repeats", "1", "--n-train", "24", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["costs"]] == ["pixel", "latent f=4", "latent f=8"]
+    assert [r["name"] for r in saved["quality"]] == ["real train digits", "pixel", "latent f=4"]
+    assert saved["costs"][2]["trained_autoencoder"] is False and saved["settings"]["budget_s"] == 0.5
+    assert all(r["step_ratio"] > 0 and r["activation_bytes"] > 0 for r in result["costs"])
+    assert all(0 <= r["adherence"] <= 1 and r["fd"] > 0 for r in result["quality"])
+    assert all(r["steps"] >= 1 for r in result["quality"][1:])
+    costs_only = load("bench_latent").main(["--device", "cpu", "--batch-size", "1", "--repeats", "1",
+                                            "--skip-quality"])
+    assert "quality" not in costs_only and len(costs_only["costs"]) == 3
+    with pytest.raises(SystemExit):
+        load("bench_latent").main(["--budget-s", "0"])

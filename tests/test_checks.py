@@ -227,3 +227,11 @@ def test_checker_reports_crashes_and_wrong_shapes():
 def test_every_exercise_is_listed_once():
     ids = [c[0] for c in checks.ALL_CHECKS]
     assert len(ids) == len(set(ids)) == len(WRONG)
+
+
+@pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])
+def test_checker_leaves_the_learners_random_state_alone(exercise, check, reference, capsys):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    check(reference)
+    assert torch.equal(torch.get_rng_state(), state)

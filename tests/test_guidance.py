@@ -70,6 +70,12 @@ def test_guidance_makes_one_batched_call():
                                              torch.tensor([1, 2, 3]))
     assert calls == [(6, [False] * 3 + [True] * 3)]
     assert torch.allclose(out, torch.full_like(out, 4.0))  # 0 + 4 * (1 - 0)
+    # at s = 1 and s = 0 one half has weight zero: only the other half is computed
+    calls.clear()
+    x, t, y = torch.randn(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3])
+    assert torch.equal(ClassifierFreeGuidance(Spy(), 1.0)(x, t, y), torch.ones_like(x))
+    assert torch.equal(ClassifierFreeGuidance(Spy(), 0.0)(x, t, y), torch.zeros_like(x))
+    assert calls == [(3, [False] * 3), (3, [True] * 3)]
 
 
 def test_every_sampler_takes_the_guided_model_and_a_plain_function_gets_its_device_from_x_T():

@@ -11,7 +11,7 @@ FLOORS = {
     2: ("ddpm", "nn", "denoisers", "classifier", "degradations"),
     3: ("vae", "autoencoder", "losses", "guidance", "conditions"),
     4: ("ldm", "stablesr", "pretrained"),
-    5: ("training", "ae_training", "metrics", "sr_training"),
+    5: ("training", "ae_training", "metrics", "sr_training", "costs"),
     6: ("train_cli", "__main__", "checks", "cli"),
 }
 FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}

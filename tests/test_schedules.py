@@ -12,10 +12,10 @@ def test_linear_matches_ddpm():
     assert b.dtype == torch.float64 and b.shape == (1000,)
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
     # scaled version equals DDPM's schedule at T = 1000
-    assert torch.equal(schedules.scaled_linear_betas(1000), b)
+    assert torch.equal(schedules.rescaled_linear_betas(1000), b)
     # and keeps abar_T about the same at smaller T
     ab_1000 = Schedule(b).alpha_bar[-1].item()
-    ab_100 = Schedule(schedules.scaled_linear_betas(100)).alpha_bar[-1].item()
+    ab_100 = Schedule(schedules.rescaled_linear_betas(100)).alpha_bar[-1].item()
     assert ab_1000 < 1e-4 and ab_100 < 1e-3
 
 
@@ -58,7 +58,7 @@ def test_index_convention():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="valid names: cosine, linear"):
+    with pytest.raises(ValueError, match="valid names: cosine, linear, scaled_linear"):
         schedules.make_betas("quadratic", 10)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         Schedule(torch.tensor([0.1, 1.0]))
@@ -72,3 +72,23 @@ def test_bad_input():
         schedules.linear_betas(0)
     with pytest.raises(ValueError, match="beta_start"):
         schedules.linear_betas(10, 0.5, 0.1)
+
+
+def test_scaled_linear_is_latent_diffusions_schedule():
+    """LDM / Stable Diffusion: beta from 0.00085 to 0.012, linear in sqrt(beta) (diffusers' 'scaled_linear')."""
+    b = schedules.make_betas("scaled_linear", 1000)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert b[0].item() == pytest.approx(0.00085, rel=1e-12) and b[-1].item() == pytest.approx(0.012, rel=1e-12)
+    # linear in sqrt space: equal steps of sqrt(beta), and so not linear in beta itself
+    steps = b.sqrt().diff()
+    assert torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-9, atol=0)
+    assert not torch.allclose(b.diff(), b.diff().mean().expand_as(b.diff()), rtol=1e-3)
+    # the same numbers as the float32 computation the published code uses, to float32 precision
+    published = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    assert torch.allclose(b.float(), published, rtol=1e-6, atol=0)
+    # Stable Diffusion's final cumulative product abar_T is about 0.0047, a hundred times DDPM's
+    ab = Schedule(b).alpha_bar
+    assert ab[-1].item() == pytest.approx(0.00466, abs=5e-5)
+    assert Schedule.from_name("linear", 1000).alpha_bar[-1].item() < 1e-4
+    # the package's 'linear' keeps its DDPM meaning (not the sqrt-space one)
+    assert torch.equal(schedules.make_betas("linear", 1000), schedules.linear_betas(1000))

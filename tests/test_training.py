@@ -114,7 +114,7 @@ def test_train_config_checks_its_input_and_round_trips():
 
 def test_unet_that_does_not_fit_the_data_is_refused(images):
     config, unet = tiny(unet=dict(image_size=16))
-    with pytest.raises(ValueError, match="make UNetConfig's image_size and in_channels match"):
+    with pytest.raises(ValueError, match="make UNetConfig's image_size, in_channels and out_channels match"):
         Trainer(config, unet, images)
 
 

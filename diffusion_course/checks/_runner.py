@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, Sequence
 import torch
 
 
-
 class ExerciseFailed(AssertionError):
     """The learner's function gave a wrong result on a checker's test case."""
 
@@ -47,8 +46,15 @@ def run_check(exercise: str, learner: Callable, reference: Callable, cases: Sequ
               rtol: float = 1e-5, atol: float = 1e-6, verbose: bool = True) -> Callable:
     """Run ``learner`` and ``reference`` on every case and give the verdict (see the module docstring).
 
-    Returns the function the lesson should use from here on. Lesson: 00_setup.
+    Returns the function the lesson should use from here on. The learner's global random state is the same
+    afterwards, whatever the functions draw. Lesson: 00_setup.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _run_cases(exercise, learner, reference, cases, hint, rtol, atol, verbose)
+
+
+def _run_cases(exercise: str, learner: Callable, reference: Callable, cases: Sequence[Case], hint: str,
+               rtol: float, atol: float, verbose: bool) -> Callable:
     for k, case in enumerate(cases):
         want = reference(**case.kwargs)
         try:

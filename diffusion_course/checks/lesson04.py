@@ -30,9 +30,10 @@ def check_timestep_embedding(fn: Callable) -> Callable:
 def _random_residual_block(seed: int, in_ch: int, out_ch: int, emb: int):
     from ..nn import ResidualBlock
 
-    torch.manual_seed(seed)
-    block = ResidualBlock(in_ch, out_ch, emb_channels=emb, norm_groups=4).eval()
-    torch.nn.init.normal_(block.conv2.weight, std=0.05)  # undo the zero init so that every path counts
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the learner's random state is left alone
+        torch.manual_seed(seed)
+        block = ResidualBlock(in_ch, out_ch, emb_channels=emb, norm_groups=4).eval()
+        torch.nn.init.normal_(block.conv2.weight, std=0.05)  # undo the zero init so that every path counts
     return block
 
 

@@ -45,10 +45,11 @@ def check_scaled_dot_product_attention(fn: Callable) -> Callable:
 
 
 def _random_cross_attention(seed: int, query_dim: int, context_dim: int, heads: int) -> MultiHeadAttention:
-    torch.manual_seed(seed)
-    attn = MultiHeadAttention(query_dim, heads, context_dim).eval()
-    torch.nn.init.normal_(attn.to_out.weight, std=0.3)  # undo the zero init so that every path counts
-    torch.nn.init.normal_(attn.to_out.bias, std=0.1)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the learner's random state is left alone
+        torch.manual_seed(seed)
+        attn = MultiHeadAttention(query_dim, heads, context_dim).eval()
+        torch.nn.init.normal_(attn.to_out.weight, std=0.3)  # undo the zero init so that every path counts
+        torch.nn.init.normal_(attn.to_out.bias, std=0.1)
     return attn
 
 

@@ -283,7 +283,8 @@ def build_conditioner(config: ConditionerConfig) -> ConditionEncoder:
 class ConditionalDenoiser(nn.Module):
     """eps_theta(x_t, t, tau_theta(y)): a U-Net and (optionally) the condition encoder that feeds it.
 
-    ``forward(x (B, C, H, W), t (B,), cond=None, drop=None (B,) bool)`` -> ``(B, C_out, H, W)``; with a
+    ``forward(x (B, C, H, W), t (B,), cond=None, drop=None (B,) bool, concat=None)`` -> ``(B, C_out, H, W)``;
+    ``concat`` (lesson 08) is a spatial condition ``(B, C_c, H, W)`` stacked onto x first. With a
     conditioner, ``cond`` is required and ``drop`` selects rows that get the null condition (for
     classifier-free guidance); without one, ``cond`` must be None and this is ``unet(x, t)``. ``config`` is
     the U-Net's configuration (samplers read ``config.in_channels`` and ``config.image_size``).
@@ -309,7 +310,9 @@ class ConditionalDenoiser(nn.Module):
         return self.unet.config
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None,
-                drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+                drop: Optional[torch.Tensor] = None, concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if concat is not None:  # a spatial condition (lesson 08): stacked onto x_t along the channels
+            x = concat_condition(x, concat, self.unet.config.in_channels)
         if self.conditioner is None:
             if cond is not None or drop is not None:
                 raise ValueError("this denoiser is unconditional (no conditioner): call it without cond and drop")
@@ -319,3 +322,16 @@ class ConditionalDenoiser(nn.Module):
                              "for the unconditional prediction)")
         context, mask = self.conditioner(cond, drop)
         return self.unet(x, t, context=context, context_mask=mask)
+
+
+def concat_condition(x: torch.Tensor, concat: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """``cat([x (B, C, H, W), concat (B, C_c, H, W)], dim=1)``, checked: a spatial condition must match x in
+    batch, height and width, and C + C_c must be the U-Net's ``in_channels``. Lesson: 08_latent_diffusion."""
+    if concat.ndim != 4 or concat.shape[0] != x.shape[0] or concat.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"a spatial condition must have shape (B, C_c, H, W) = ({x.shape[0]}, C_c, "
+                         f"{x.shape[-2]}, {x.shape[-1]}) to be concatenated to x_t {tuple(x.shape)}; got "
+                         f"{tuple(concat.shape)}")
+    if x.shape[1] + concat.shape[1] != in_channels:
+        raise ValueError(f"x_t has {x.shape[1]} channels and the spatial condition {concat.shape[1]}, together "
+                         f"{x.shape[1] + concat.shape[1]}, but the U-Net takes in_channels = {in_channels}")
+    return torch.cat([x, concat.to(x.dtype)], dim=1)
