@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .autoencoder import latent_scale_factor
 from .conditions import CONDITIONS, ENCODER_KIND, build_model, condition_tensor, conditional_data
 from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
 from .distributed import (barrier, gather_objects, leave_process_group, main_process_first, mean_over_processes,
@@ -57,7 +58,6 @@ from .ddpm import GaussianDiffusion
 from .guidance import ClassifierFreeGuidance, condition_dropout
 from .ldm import (SPATIAL, LatentDiffusion, box_keep_masks, encode_images, inpaint_condition, latent_diffusion_from,
                   latent_unet_config, random_keep_masks, semantic_condition, spatial_channels)
-from .autoencoder import latent_scale_factor
 from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
 from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
@@ -83,10 +83,10 @@ class TrainConfig:
     (lesson 07); ``p_uncond`` is the probability of training a condition as the null condition, and
     ``guidance_scale`` the classifier-free guidance scale of the sample grids. ``autoencoder`` (a shipped
     autoencoder's name or an exported folder) makes it a latent diffusion run (lesson 08) and ``spatial``
-    (``none``, ``inpaint``, ``semantic``) its spatial condition; an inpainting run hides a random rectangle of each
-    training latent, or with probability ``p_hide_all`` all of it, so that one model both inpaints and
-    generates. ``clip_x0 = None`` means True in pixel space
-    and False in latent space (clipping latents to [-1, 1] is an error). Lesson: 04_unet.
+    (``none``, ``inpaint``, ``semantic``) its spatial condition; an inpainting run hides a random rectangle of
+    each training latent, or with probability ``p_hide_all`` all of it, so that one model both inpaints and
+    generates. ``clip_x0 = None`` means True in pixel space and False in latent space (clipping latents to
+    [-1, 1] is an error). Lesson: 04_unet.
     """
 
     dataset: str = "digits"
