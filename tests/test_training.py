@@ -122,6 +122,29 @@ def test_unet_that_does_not_fit_the_data_is_refused(images):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+def test_a_checkpoint_older_than_a_new_setting_still_resumes(images, tmp_path):
+    """A checkpoint written before a setting existed (e.g. lesson 08's ``autoencoder``) resumes with that
+    setting at its default; a non-default value is still a different configuration."""
+    from diffusion_course import checkpoint as ckpt
+
+    config, unet = tiny()
+    first = Trainer(config, unet, images)
+    first.train(2)
+    first.save(tmp_path)
+    groups, meta = ckpt.read_checkpoint(tmp_path)
+    for key in ("autoencoder", "spatial", "p_hide_all"):  # as a checkpoint of an older package has it
+        del meta["config"]["train"][key]
+    ckpt.save_checkpoint(tmp_path, groups, meta)
+    assert "spatial" not in ckpt.read_checkpoint(tmp_path)[1]["config"]["train"]
+    resumed = Trainer(*tiny(), images)
+    resumed.load(tmp_path)
+    assert resumed.step == 2
+    changed, unet = tiny()
+    changed.p_hide_all = 0.25
+    with pytest.raises(ValueError, match="p_hide_all"):
+        Trainer(changed, unet, images).load(tmp_path)
+
+
 def test_resume_gives_bit_identical_weights(images, tmp_path):
     config, unet = tiny()
     straight = Trainer(config, unet, images)
