@@ -6,6 +6,7 @@
 * ``train-classifier`` train the digit classifier behind the sample-quality measure (see ``metrics``)
 * ``train-autoencoder``, ``export-autoencoder`` train and ship the lesson-06 autoencoder (see ``ae_training``)
 * ``train-shape-classifier`` train the shapes segmenter that scores captions in lesson 07 (see ``classifier``)
+* ``train-sr``, ``export-sr`` train and ship the super-resolution models of lesson 09 (see ``sr_training``)
 
 Other modules add their own commands (training, sampling, ...): each module named in ``COMMAND_MODULES``
 defines ``register_cli(subparsers)``, which adds its sub-parsers with ``set_defaults(func=handler)``;
@@ -19,7 +20,8 @@ import sys
 from typing import List, Optional
 
 COMMAND_MODULES: tuple = ("diffusion_course.train_cli", "diffusion_course.pretrained", "diffusion_course.metrics",
-                          "diffusion_course.ae_training", "diffusion_course.classifier")
+                          "diffusion_course.ae_training", "diffusion_course.classifier",
+                          "diffusion_course.sr_training")
 
 
 def _env(args: argparse.Namespace) -> int:

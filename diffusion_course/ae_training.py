@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .autoencoder import REGULARIZERS, Autoencoder, AutoencoderConfig, latent_scale_factor
-from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
+from .data import check_dataset_name, get_dataset, random_batches
 from .losses import AutoencoderLoss, PerceptualLoss
 from .pretrained import add_export_arguments, export_cli, load_autoencoder, write_asset
 
@@ -61,8 +61,7 @@ class AETrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.dataset not in OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS:
-            raise ValueError(f"unknown data set {self.dataset!r}; valid: {', '.join(OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS)}")
+        check_dataset_name(self.dataset)
         for key in ("image_size", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import shapes
 
-OFFLINE_IMAGE_SETS = ("digits", "faces", "photo_patches", "shapes")
+OFFLINE_IMAGE_SETS = ("digits", "faces", "photo_patches", "photos", "shapes")
 ONLINE_IMAGE_SETS = ("mnist", "fashion_mnist", "cifar10")
 TOY_2D = ("moons", "swiss_roll", "eight_gaussians", "circles", "checkerboard")
 SPLITS = ("train", "test", "all")
@@ -69,6 +69,16 @@ def data_root() -> Path:
     if repo_data.is_dir():
         return repo_data
     return Path.cwd() / "data"
+
+
+def check_dataset_name(name: str) -> None:
+    """A clear ValueError unless ``name`` is a data set :func:`get_dataset` knows (``folder:PATH`` included).
+    Lesson: 00_setup."""
+    if name in OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS or (isinstance(name, str) and name.startswith("folder:")):
+        return
+    hint = " (2-D toy sets come from toy_2d)" if name in TOY_2D else ""
+    raise ValueError(f"unknown data set {name!r}{hint}; valid names: {', '.join(OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS)}"
+                     f", or folder:PATH for a folder of your own images")
 
 
 def to_unit_range(images: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -154,6 +164,51 @@ def photo_patches(image_size: int = 64, n: int = 256, split: str = "train", seed
     return ImageData(to_unit_range(x, 0.0, 255.0), torch.tensor(labels), "photo_patches", list(PHOTOS))
 
 
+def photos(image_size: int = 32, n: int = 4096, split: str = "train", seed: int = 0) -> ImageData:
+    """``n`` RGB patches for super-resolution (lesson 09_stablesr): squares of ``2 * image_size`` pixels cut
+    as in :func:`photo_patches` (train from the left 80% of each photograph, test from the right 20%) and
+    shrunk by 2 (antialiased), so that each patch holds the detail of a photograph at half its size rather
+    than a smooth crop at full size. Offline. Lesson: 09_stablesr."""
+    crops = photo_patches(2 * image_size, n, split, seed)
+    return ImageData(resize(crops.images, image_size), crops.labels, "photos", crops.classes)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def image_folder(root: str, image_size: int = 64, n: int = 4096, split: str = "train", seed: int = 0) -> ImageData:
+    """``n`` random RGB crops of ``image_size`` pixels from the images in the folder ``root`` (and its
+    subfolders), for super-resolution on photographs of your own, such as DIV2K's high-resolution set. The
+    files are sorted by name; the last 20% are the ``test`` split, so train and test come from different
+    images. Images smaller than the crop are skipped. Offline. Lesson: 09_stablesr."""
+    from PIL import Image
+
+    if split not in ("train", "test"):
+        raise ValueError(f"an image folder has splits 'train' and 'test', got {split!r}")
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"no image folder {str(folder)!r}: give a folder of .png or .jpg images, e.g. "
+                         f"'folder:data/DIV2K_train_HR'")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    cut = max(1, int(round(len(files) * 0.8))) if len(files) > 1 else len(files)
+    files = files[:cut] if split == "train" else files[cut:]
+    images = [im for im in (np.asarray(Image.open(f).convert("RGB")) for f in files)
+              if min(im.shape[:2]) >= image_size]
+    if not images:
+        raise ValueError(f"the {split} split of {str(folder)!r} has no image of at least {image_size}x{image_size} "
+                         f"pixels ({len(files)} files); it takes the last 20% of the sorted files as test images")
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    crops, labels = [], []
+    for _ in range(n):
+        j = int(rng.integers(len(images)))
+        h, w = images[j].shape[:2]
+        y0, x0 = int(rng.integers(0, h - image_size + 1)), int(rng.integers(0, w - image_size + 1))
+        crops.append(images[j][y0:y0 + image_size, x0:x0 + image_size])
+        labels.append(j)
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
+    return ImageData(to_unit_range(x, 0.0, 255.0), torch.tensor(labels), f"folder:{folder}", ["image"])
+
+
 def _torchvision_set(name: str, image_size: Optional[int], split: str, download: bool) -> ImageData:
     import torchvision
 
@@ -185,7 +240,8 @@ def get_dataset(name: str, image_size: Optional[int] = None, split: str = "train
                 download: bool = True, **kwargs) -> ImageData:
     """An image data set by name, resized to ``image_size`` (its native size when None).
 
-    Offline: ``digits`` (native 8), ``faces`` (native 25), ``photo_patches`` (default 64), ``shapes``
+    Offline: ``digits`` (native 8), ``faces`` (native 25), ``photo_patches`` (default 64), ``photos`` (default
+    32, patches for super-resolution), ``folder:PATH`` (crops of the images in a folder of your own), ``shapes``
     (default 32, a :class:`shapes.ShapesData` with captions, layout and masks, splits train/test/holdout);
     online: ``mnist`` and ``fashion_mnist`` (28), ``cifar10`` (32). Lesson: 00_setup.
     """
@@ -195,13 +251,16 @@ def get_dataset(name: str, image_size: Optional[int] = None, split: str = "train
         return faces(image_size or 25, split)
     if name == "photo_patches":
         return photo_patches(image_size or 64, split=split, **kwargs)
+    if name == "photos":
+        return photos(image_size or 32, split=split, **kwargs)
+    if name.startswith("folder:"):  # an image folder of one's own (lesson 09), e.g. folder:data/DIV2K_train_HR
+        return image_folder(name[len("folder:"):], image_size or 64, split=split, **kwargs)
     if name == "shapes":  # captioned coloured shapes (lesson 07); splits train, test, holdout
         return shapes.shapes_dataset(image_size or 32, split, **kwargs)
     if name in ONLINE_IMAGE_SETS:
         return _torchvision_set(name, image_size, split, download)
-    valid = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS
-    hint = " (2-D toy sets come from toy_2d)" if name in TOY_2D else ""
-    raise ValueError(f"unknown data set {name!r}{hint}; valid names: {', '.join(valid)}")
+    check_dataset_name(name)
+    raise AssertionError(f"data set {name!r} is valid but has no loader")
 
 
 # ----------------------------------------------------------------------------------------------

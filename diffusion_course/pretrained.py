@@ -36,9 +36,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _kind_of(config: Dict[str, Any]) -> str:
-    """What an asset's config.json describes: ``ldm`` (holds a U-Net and an autoencoder too), ``unet``,
-    ``autoencoder``, or another key (e.g. ``classifier``)."""
-    for kind in ("ldm", "unet", "autoencoder"):
+    """What an asset's config.json describes: ``sr`` (super-resolution, lesson 09: holds a U-Net and names
+    its prior), ``ldm`` (holds a U-Net and an autoencoder too), ``unet``, ``autoencoder``, or another key
+    (e.g. ``classifier``)."""
+    for kind in ("sr", "ldm", "unet", "autoencoder"):
         if kind in config:
             return kind
     return next(iter(config), "")
@@ -46,7 +47,8 @@ def _kind_of(config: Dict[str, Any]) -> str:
 
 def available(kind: str = "unet") -> List[str]:
     """Names of the shipped models of one kind: ``"unet"`` (DDPM models, lessons 04 and 07),
-    ``"autoencoder"`` (lesson 06) or ``"ldm"`` (latent diffusion, lesson 08). Lesson: 04_unet."""
+    ``"autoencoder"`` (lesson 06), ``"ldm"`` (latent diffusion, lesson 08) or ``"sr"`` (super-resolution,
+    lesson 09). Lesson: 04_unet."""
     return sorted(p.name for p in ASSETS.glob("*") if (p / WEIGHTS_FILE).is_file() and (p / "config.json").is_file()
                   and _kind_of(json.loads((p / "config.json").read_text())) == kind)
 
@@ -72,8 +74,9 @@ def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torc
         raise ValueError(f"no shipped {kind} model {str(name)!r}; available: {', '.join(available(kind)) or 'none'}")
     config = json.loads((folder / "config.json").read_text())
     if _kind_of(config) != kind:
-        hint = (" (a latent diffusion model: load it with diffusion_course.ldm.load_latent_diffusion)"
-                if "ldm" in config else "")
+        hint = {"ldm": " (a latent diffusion model: load it with diffusion_course.ldm.load_latent_diffusion)",
+                "sr": " (a super-resolution model: load it with diffusion_course.stablesr.load_sr)"
+                }.get(_kind_of(config), "")
         raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}{hint}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""

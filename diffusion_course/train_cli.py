@@ -35,7 +35,7 @@ from .pretrained import read_asset
 from .training import SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid
 
 TRAIN_HELP = {
-    "dataset": "data set name: digits, faces, photo_patches, shapes (offline) or mnist, fashion_mnist, cifar10",
+    "dataset": "data set name: digits, faces, photo_patches, photos, shapes (offline) or mnist, fashion_mnist, cifar10",
     "image_size": "side S of the (square) training images, pixels (default: the data set's own size)",
     "batch_size": "global batch size (split over the processes of a multi-GPU run)",
     "lr": "AdamW learning rate",

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .autoencoder import latent_scale_factor
 from .conditions import CONDITIONS, ENCODER_KIND, build_model, condition_tensor, conditional_data
-from .data import OFFLINE_IMAGE_SETS, ONLINE_IMAGE_SETS, get_dataset, random_batches
+from .data import check_dataset_name, get_dataset, random_batches
 from .distributed import (barrier, gather_objects, leave_process_group, main_process_first, mean_over_processes,
                           setup_distributed)
 from .ddpm import GaussianDiffusion
@@ -131,9 +131,7 @@ class TrainConfig:
             raise ValueError(f"p_hide_all must lie in [0, 1], got {self.p_hide_all}")
         if self.spatial != "none" and self.autoencoder is None:
             raise ValueError(f"spatial={self.spatial!r} is a latent diffusion condition: give an autoencoder too")
-        names = OFFLINE_IMAGE_SETS + ONLINE_IMAGE_SETS
-        if self.dataset not in names:
-            raise ValueError(f"unknown data set {self.dataset!r}; valid names: {', '.join(names)}")
+        check_dataset_name(self.dataset)
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"image_size must be a positive int or None (the data's size), got {self.image_size!r}")
         if self.condition not in CONDITIONS:
@@ -231,6 +229,32 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: Optiona
     ckpt.atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, cmap="gray", vmin=0.0, vmax=1.0,
                                                                   format="png"))
     return Path(path)
+
+
+def train_loop(trainer: Any, num_steps: Optional[int], desc: str, progress: bool) -> List[float]:
+    """The loop every trainer of the package runs: ``trainer.train_step()`` until ``num_steps`` more steps are
+    done (default: until ``trainer.config.steps``), with a progress bar showing the loss of the last 100 steps,
+    ``trainer.save_samples()`` and ``trainer.save()`` every ``config.sample_every`` / ``config.checkpoint_every``
+    steps into ``config.out``, and once more at the end unless the last step just did. Returns
+    ``trainer.loss_history``. Lesson: 04_unet."""
+    c, start = trainer.config, trainer.step
+    target = c.steps if num_steps is None else min(c.steps, trainer.step + num_steps)
+    with tqdm(total=c.steps, initial=trainer.step, desc=desc, disable=not progress) as bar:
+        while trainer.step < target:
+            trainer.train_step()
+            recent = trainer.loss_history[-100:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if c.out and c.sample_every and trainer.step % c.sample_every == 0:
+                trainer.save_samples()
+            if c.out and c.checkpoint_every and trainer.step % c.checkpoint_every == 0:
+                trainer.save()
+    if c.out and trainer.step > start:
+        if not (c.sample_every and trainer.step % c.sample_every == 0):
+            trainer.save_samples()
+        if not (c.checkpoint_every and trainer.step % c.checkpoint_every == 0):
+            trainer.save()
+    return trainer.loss_history
 
 
 @torch.no_grad()
@@ -447,26 +471,7 @@ class Trainer:
     def train(self, num_steps: Optional[int] = None) -> List[float]:
         """Train ``num_steps`` more steps (default: until ``config.steps``), writing sample grids and checkpoints
         into ``config.out`` on schedule and once more at the end. Returns the loss history. Lesson: 04_unet."""
-        c = self.config
-        start = self.step
-        target = c.steps if num_steps is None else min(c.steps, self.step + num_steps)
-        bar = tqdm(total=c.steps, initial=self.step, desc="training", disable=not (c.progress and self.dist.is_main))
-        with bar:
-            while self.step < target:
-                self.train_step()
-                recent = self.loss_history[-100:]
-                bar.update(1)
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-                if c.out and c.sample_every and self.step % c.sample_every == 0:
-                    self.save_samples()
-                if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                    self.save()
-        if c.out and self.step > start:
-            if not (c.sample_every and self.step % c.sample_every == 0):
-                self.save_samples()
-            if not (c.checkpoint_every and self.step % c.checkpoint_every == 0):
-                self.save()
-        return self.loss_history
+        return train_loop(self, num_steps, "training", self.config.progress and self.dist.is_main)
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(self, n: Optional[int] = None, sampler: Optional[str] = None, steps: Optional[int] = None,

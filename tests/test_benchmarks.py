@@ -83,3 +83,76 @@ def test_bench_latent_measures_costs_and_quality_in_a_budget(tmp_path, one_threa
     assert "quality" not in costs_only and len(costs_only["costs"]) == 3
     with pytest.raises(SystemExit):
         load("bench_latent").main(["--budget-s", "0"])
+
+
+def _tiny_sr_assets(tmp_path):
+    """A tiny pixel prior (16x16) as an asset folder, and SR models on it: StableSR and the concat baseline at
+    x4, and StableSR at x2; each trained 2 steps and exported as `export-sr` does."""
+    import torch
+
+    from diffusion_course import pretrained
+    from diffusion_course.nn import UNet, UNetConfig
+    from diffusion_course.sr_training import SRTrainConfig, SRTrainer, export_sr
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(image_size=16, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(2,), num_heads=2, norm_groups=8))
+    for p in unet.parameters():  # zero-initialised output layers would make the prior predict nothing
+        if p.ndim > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    prior = tmp_path / "prior"
+    pretrained.write_asset(prior, unet.state_dict(), {"train": {"schedule": "linear", "T": 50, "clip_x0": True},
+                                                      "unet": unet.config.to_dict(), "step": 0}, "made by a test")
+    data = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assets = []
+    for kind, scale in (("stablesr", 4), ("concat", 4), ("stablesr", 2)):
+        name = f"sr_tiny_{kind}_x{scale}"
+        config = SRTrainConfig(prior=str(prior), kind=kind, scale=scale, encoder_channels=8, encoder_out=16,
+                               sft_hidden=8, batch_size=4, steps=2, sample_every=0, checkpoint_every=0,
+                               progress=False, device="cpu", out=str(tmp_path / "runs" / name))
+        SRTrainer(config, data, data[:2]).train()
+        assets.append(export_sr(tmp_path / "runs" / name, tmp_path / name, "made by a test"))
+    return assets
+
+
+@pytest.mark.filterwarnings("ignore:PerceptualLoss. no ImageNet VGG16 weights:UserWarning")
+def test_bench_sr_scores_bicubic_models_and_the_step_sweep_on_the_same_patches(tmp_path, one_thread, capsys):
+    import math
+
+    from diffusion_course.data import get_dataset
+    from diffusion_course.degradations import DegradationConfig, degrade, upsample
+    from diffusion_course.stablesr import sr_scores
+
+    stablesr, concat, stablesr_x2 = _tiny_sr_assets(tmp_path)
+    out = tmp_path / "sr.json"
+    argv = ["--models", f"{stablesr},{concat}", "--n", "4", "--steps", "2", "--step-sweep", "1,2", "--batch", "2",
+            "--device", "cpu", "--seed", "3"]
+    bench = load("bench_sr")
+    result = bench.run(argv + ["--json", str(out)])
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["bicubic", "sr_tiny_stablesr_x4 (stablesr, time-aware)",
+                                           "sr_tiny_concat_x4 (concat)", "sr_tiny_stablesr_x4, DDIM-1",
+                                           "sr_tiny_stablesr_x4, DDIM-2"]
+    assert [r["steps"] for r in rows] == [None, 2, 2, 1, 2]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("psnr", "ssim", "perceptual", "seconds"))
+    assert all(r["perceptual"] >= 0 and -1 <= r["ssim"] <= 1 and r["seconds"] >= 0 for r in rows)
+    assert result["n"] == 4 and result["steps"] == 2 and result["perceptual_source"]
+    assert result["scale"] == 4 and result["hr_size"] == 16 and result["dataset"] == "photos"
+    # the bicubic row is exactly sr_scores of the upsampled patches, degraded as the first model was trained
+    hr = get_dataset("photos", 16, "test").images[:4]
+    train = json.loads((stablesr / "config.json").read_text())["train"]
+    lr = degrade(hr, DegradationConfig.from_dict({**train["degradation"], "scale": train["scale"]}), seed=3)
+    assert rows[0]["psnr"] == pytest.approx(sr_scores(upsample(lr, 4), hr)["psnr"], abs=1e-6)
+    # the sweep at --steps is the comparison row's images (same seeds)
+    scores = lambda rs: [[r[k] for k in ("psnr", "ssim", "perceptual")] for r in rs]  # noqa: E731
+    assert scores(rows[4:]) == scores(rows[1:2])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    # seeded: a second run gives the same numbers
+    assert scores(bench.run(argv)["rows"]) == scores(rows)
+    with pytest.raises(SystemExit):  # a model of another scale cannot be scored on the same patches
+        bench.run(["--models", f"{stablesr},{stablesr_x2}", "--n", "2", "--steps", "1", "--device", "cpu"])
+    assert "same scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.run(["--models", str(stablesr), "--n", "0"])
+    with pytest.raises(SystemExit):
+        bench.run(["--models", str(stablesr), "--step-sweep", "0,5"])

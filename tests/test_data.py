@@ -1,5 +1,7 @@
 import socket
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -54,8 +56,18 @@ def test_random_batches():
     assert xb.shape == (4, 1) and torch.equal(xb[:, 0].long(), yb) and len(set(yb.tolist())) == 4
 
 
+def test_photos_for_super_resolution_are_shrunk_crops_from_disjoint_regions():
+    tr = data.get_dataset("photos", 16, "train", n=8)
+    te = data.photos(16, n=8, split="test")
+    assert tr.images.shape == (8, 3, 16, 16) and te.images.shape == (8, 3, 16, 16)
+    crops = data.photo_patches(32, n=8, split="train")  # the same draws, at twice the size
+    assert torch.allclose(tr.images, data.resize(crops.images, 16)) and torch.equal(tr.labels, crops.labels)
+    assert tr.images.min() >= -1 and tr.images.max() <= 1
+    assert not torch.allclose(tr.images, te.images)
+
+
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="digits, faces, photo_patches, shapes, mnist"):
+    with pytest.raises(ValueError, match="digits, faces, photo_patches, photos, shapes, mnist"):
         data.get_dataset("imagenet")
     with pytest.raises(ValueError, match="toy_2d"):
         data.get_dataset("moons")
@@ -85,3 +97,20 @@ def test_resize_and_range():
     with pytest.raises(ValueError, match="positive int"):
         data.resize(x, 0)
     assert torch.allclose(data.to_unit_range(torch.tensor([0.0, 8.0, 16.0]), 0, 16), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_image_folder_crops_and_splits_by_file(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (40 + k, 50, 3), dtype=np.uint8)).save(tmp_path / f"im{k}.png")
+    Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / "a_tiny.png")  # too small: skipped
+    train = data.get_dataset(f"folder:{tmp_path}", 16, "train", n=12)
+    test = data.get_dataset(f"folder:{tmp_path}", 16, "test", n=3)
+    assert train.images.shape == (12, 3, 16, 16) and test.images.shape == (3, 3, 16, 16)
+    assert train.images.min() >= -1 and train.images.max() <= 1
+    assert torch.equal(train.images, data.image_folder(str(tmp_path), 16, n=12).images)  # seeded
+    with pytest.raises(ValueError, match="no image folder"):
+        data.get_dataset(f"folder:{tmp_path / 'missing'}", 16)
+    with pytest.raises(ValueError, match="no image of at least 64x64"):
+        data.get_dataset(f"folder:{tmp_path}", 64)

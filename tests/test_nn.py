@@ -152,20 +152,12 @@ def test_unet_skip_wiring_and_attention_placement():
     assert net(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)).shape == (2, 1, 16, 16)
 
 
-def test_unet_context_and_modulation_hooks():
+def test_unet_context_hook():
     torch.manual_seed(0)
     net = unzero(UNet(small_config(context_dim=6)))
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
     c1, c2 = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
     assert not torch.allclose(net(x, t, c1), net(x, t, c2))
-    chans = net.modulation_channels()
-    assert chans == {"8": 32, "16": 16}
-    zero = {k: (torch.zeros(1, ch, 1, 1), torch.zeros(1, ch, 1, 1)) for k, ch in chans.items()}
-    assert torch.allclose(net(x, t, c1, modulation=zero), net(x, t, c1))  # (1 + 0) F + 0 = F
-    shifted = {"16": (torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1))}
-    assert not torch.allclose(net(x, t, c1, modulation=shifted), net(x, t, c1))
-    with pytest.raises(ValueError, match="valid keys"):
-        net(x, t, c1, modulation={"5": (torch.zeros(1), torch.zeros(1))})
     with pytest.raises(ValueError, match="no cross-attention"):
         UNet(small_config())(x, t, c1)
     with pytest.raises(ValueError, match="built with context_dim 6"):
@@ -245,3 +237,77 @@ def test_conditional_unet_with_deeper_transformers_and_head_width():
     assert out.shape == x.shape
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "cross_attn" in n)
+
+
+def _sft_net(**kw):
+    torch.manual_seed(0)
+    prior = unzero(UNet(small_config(**kw)))
+    steered = UNet(small_config(sft_channels=5, sft_hidden=8, **kw))
+    missing, unexpected = steered.load_state_dict(prior.state_dict(), strict=False)
+    assert not unexpected and missing and all(".sft." in k for k in missing)
+    return prior, steered
+
+
+def test_sft_modulate_is_the_lecture_formula():
+    from diffusion_course.nn.sft import sft_modulate
+    F, a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.equal(sft_modulate(F, a, b), (1 + a) * F + b)
+    assert torch.allclose(sft_modulate(F, a, b), F + a * F + b)
+
+
+def test_sft_layer_starts_as_identity_and_reference_variant_does_not():
+    from diffusion_course.nn.sft import SFTLayer
+    torch.manual_seed(0)
+    F, feat = torch.randn(2, 8, 4, 4) * 3 + 1, torch.randn(2, 5, 4, 4)
+    layer = SFTLayer(8, 5, hidden=6)
+    assert torch.equal(layer(F, feat), F)  # alpha = beta = 0 exactly at initialisation
+    ref = SFTLayer(8, 5, hidden=6, normalize=True, norm_groups=4)
+    assert not torch.allclose(ref(F, feat), F, atol=1e-2)  # GroupNorm(F) != F: not the identity
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    alpha, beta = layer.params(feat)
+    assert torch.allclose(layer(F, feat), (1 + alpha) * F + beta)
+    with pytest.raises(ValueError, match="out_channels must equal"):
+        layer(F, torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        layer(F, torch.randn(2, 5, 2, 2))
+
+
+def test_unet_sft_starts_as_the_prior_and_is_steered_after_training():
+    prior, steered = _sft_net()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    assert steered.sft_resolutions() == ["16", "8"] and steered.sft_resolutions(32) == ["32", "16"]
+    cond = {"16": torch.randn(2, 5, 16, 16), "8": torch.randn(2, 5, 8, 8)}
+    assert torch.equal(steered(x, t, struct_cond=cond), prior(x, t))  # identity at initialisation, exactly
+    assert torch.equal(steered(x, t), prior(x, t))  # without struct_cond: the plain U-Net
+    # every residual block (encoder, middle, decoder) owns an SFT layer
+    blocks = [m for m in steered.modules() if isinstance(m, ResidualBlock)]
+    assert blocks and all(b.sft is not None for b in blocks)
+    assert len(steered.sft_parameters()) == 6 * len(blocks)  # shared conv, alpha head, beta head: weight + bias
+    assert set(steered.prior_state_dict()) == set(prior.state_dict())
+    # train the SFT layers only: the output moves, and it depends on the condition
+    opt = torch.optim.SGD(steered.sft_parameters(), lr=0.5)
+    loss = (steered(x, t, struct_cond=cond) - 1).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in steered.sft_parameters())
+    opt.step()
+    assert not torch.allclose(steered(x, t, struct_cond=cond), prior(x, t))
+    other = {k: torch.randn_like(v) for k, v in cond.items()}
+    assert not torch.allclose(steered(x, t, struct_cond=cond), steered(x, t, struct_cond=other))
+    # a modulation at one resolution only changes the output too (every block at "8" is steered)
+    only8 = {"16": torch.zeros(2, 5, 16, 16), "8": cond["8"]}
+    assert not torch.allclose(steered(x, t, struct_cond=only8), steered(x, t, struct_cond={**only8, "8": other["8"]}))
+
+
+def test_unet_sft_clear_errors():
+    prior, steered = _sft_net()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    cond = {"16": torch.randn(2, 5, 16, 16), "8": torch.randn(2, 5, 8, 8)}
+    with pytest.raises(ValueError, match="no SFT layers"):
+        prior(x, t, struct_cond=cond)
+    with pytest.raises(ValueError, match="works at"):
+        steered(x, t, struct_cond={"16": cond["16"]})
+    with pytest.raises(ValueError, match="must have shape"):
+        steered(x, t, struct_cond={**cond, "8": torch.randn(2, 4, 8, 8)})
+    with pytest.raises(ValueError, match="sft_channels must be"):
+        small_config(sft_channels=-1)

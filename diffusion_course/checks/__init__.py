@@ -23,8 +23,10 @@ from .lesson05 import *  # noqa: F401,F403
 from .lesson06 import *  # noqa: F401,F403
 from .lesson07 import *  # noqa: F401,F403
 from .lesson08 import *  # noqa: F401,F403
+from .lesson09 import *  # noqa: F401,F403
 
 # every (exercise, checker, reference) of a one-function checker, in lesson order; lesson08.CHECKS is kept
-# apart (8.1 checks two functions) and tested in tests/test_checks_lesson08.py
+# apart (8.1 checks two functions) and tested in tests/test_checks_lesson08.py, and lesson 09's checkers (a
+# module class, raised errors, dicts) in tests/test_checks_lesson09.py
 ALL_CHECKS = (lesson01.CHECKS + lesson02.CHECKS + lesson03.CHECKS + lesson04.CHECKS + lesson05.CHECKS
               + lesson06.CHECKS + lesson07.CHECKS)

@@ -6,6 +6,8 @@ the attention layers and the transformer can all build on it without importing e
 """
 from __future__ import annotations
 
+from typing import List, Sequence
+
 from torch import nn
 
 
@@ -27,3 +29,21 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def check_levels(image_size: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
+                 what: str) -> List[int]:
+    """The checks every multi-level network of the course shares (the U-Net of lesson 04, the time-aware
+    encoder of lesson 09): ``image_size`` divisible by the total down-sampling 2 ** (len(channel_mult) - 1),
+    and ``attention_resolutions`` among the levels' down-sampling rates. Returns those rates ``[1, 2, 4, ...]``;
+    a clear error names ``what`` was being built. Lesson: 04_unet."""
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by the {what}'s total down-sampling "
+                         f"{factor} (2 ** (len(channel_mult) - 1)); use a multiple of {factor} or fewer levels")
+    rates = [2 ** level for level in range(len(channel_mult))]
+    bad = [r for r in attention_resolutions if r not in rates]
+    if bad:
+        raise ValueError(f"attention_resolutions {bad} are not down-sampling rates of this {what} ({rates}); "
+                         f"they are rates ds (1 = full size, 2 = half, ...), not image sides")
+    return rates

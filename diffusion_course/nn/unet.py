@@ -1,8 +1,9 @@
 """The DDPM U-Net eps_theta(x_t, t), configured by a dataclass.
 
 Taught in lesson 04_unet; later lessons extend it without rewriting it: a ``context`` for
-cross-attention (lesson 07_cross_attention) and a per-resolution feature modulation
-(1 + alpha) * F + beta (StableSR, lesson 09_stablesr).
+cross-attention (lesson 07_cross_attention) and, with ``sft_channels``, an SFT layer in every residual block
+that turns the residual branch's output F into (1 + alpha) * F + beta, steered by ``struct_cond``, a dict of
+condition features keyed by resolution (StableSR, lesson 09_stablesr).
 
 Layout (image of side S, L = len(channel_mult) levels, ds the current down-sampling rate):
 
@@ -30,11 +31,11 @@ from torch import nn
 from .attention import AttentionBlock, attention_heads, check_mask
 from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample
 from .embedding import TimeEmbedding
-from .layers import group_norm, zero_module
+from .layers import check_levels, group_norm, zero_module
 from .transformer import SpatialTransformer
 from ..utils import dataclass_from_dict
 
-Modulation = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+StructCond = Dict[str, torch.Tensor]
 
 
 @dataclass
@@ -44,8 +45,11 @@ class UNetConfig:
 
     ``context_dim`` (lesson 07_cross_attention) makes the U-Net conditional: its attention sites become
     SpatialTransformers of ``transformer_depth`` blocks. An attention layer over C channels has
-    ``C // num_head_channels`` heads when ``num_head_channels > 0``, else ``num_heads``. Configurations saved
-    before these keys existed load with their defaults. Lesson: 04_unet.
+    ``C // num_head_channels`` heads when ``num_head_channels > 0``, else ``num_heads``.
+
+    ``sft_channels > 0`` (lesson 09_stablesr) gives every residual block (encoder, middle and decoder) an
+    SFT layer whose M_theta takes condition features of ``sft_channels`` channels through ``sft_hidden``
+    channels. Configurations saved before these keys existed load with their defaults. Lesson: 04_unet.
     """
 
     image_size: int = 32
@@ -62,6 +66,8 @@ class UNetConfig:
     norm_groups: int = 32
     transformer_depth: int = 1
     num_head_channels: int = -1
+    sft_channels: int = 0
+    sft_hidden: int = 64
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -70,16 +76,12 @@ class UNetConfig:
             self.out_channels = self.in_channels
         if self.in_channels < 1 or self.model_channels < 1 or not self.channel_mult or self.num_res_blocks < 1:
             raise ValueError(f"invalid U-Net configuration: {self}")
+        if self.sft_channels < 0 or self.sft_hidden < 1:
+            raise ValueError(f"sft_channels must be >= 0 (0: no SFT layers) and sft_hidden >= 1, got "
+                             f"{self.sft_channels} and {self.sft_hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        factor = self.downsampling_factor
-        if self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the U-Net's total down-sampling "
-                             f"{factor} (2 ** (len(channel_mult) - 1)); use a multiple of {factor} or fewer levels")
-        rates = [2 ** i for i in range(len(self.channel_mult))]
-        bad = [r for r in self.attention_resolutions if r not in rates]
-        if bad:
-            raise ValueError(f"attention_resolutions {bad} are not down-sampling rates of this U-Net ({rates})")
+        rates = check_levels(self.image_size, self.channel_mult, self.attention_resolutions, "U-Net")
         if self.context_dim is not None and self.context_dim < 1:
             raise ValueError(f"context_dim must be a positive width (or None for an unconditional U-Net), "
                              f"got {self.context_dim}")
@@ -107,16 +109,16 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """The U-Net noise predictor: ``forward(x (B, C, H, W), t (B,), context=None, modulation=None,
+    """The U-Net noise predictor: ``forward(x (B, C, H, W), t (B,), context=None, struct_cond=None,
     context_mask=None)`` returns eps_theta of shape ``(B, out_channels, H, W)``.
 
     ``context`` ``(B, M, context_dim)``, the condition's tokens tau_theta(y), feeds the cross-attention
     layers and is required when ``context_dim`` is set (lesson 07_cross_attention); ``context_mask``
     ``(B, M)`` bool marks its real tokens (True) and its padding (False).
-    ``modulation`` maps a resolution (the feature map's height, as a string such as ``"16"``) to a pair
-    ``(alpha, beta)`` of tensors broadcastable to that level's decoder features; each UpBlock's output F at
-    that resolution becomes (1 + alpha) * F + beta. :meth:`modulation_channels` tells the channels per key.
-    Lesson: 04_unet.
+    ``struct_cond`` (lesson 09_stablesr; needs ``sft_channels``) maps a resolution (the feature map's height,
+    as a string such as ``"16"``) to a condition feature ``(B, sft_channels, h, h)``; every residual block
+    working at that resolution modulates its residual branch with it. :meth:`sft_resolutions` lists the keys
+    needed; without ``struct_cond`` the U-Net is exactly its unmodulated self. Lesson: 04_unet.
     """
 
     def __init__(self, config: UNetConfig) -> None:
@@ -128,7 +130,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
         kw = dict(num_heads=c.num_heads, dropout=c.dropout, scale_shift=c.scale_shift, context_dim=c.context_dim,
                   norm_groups=c.norm_groups, transformer_depth=c.transformer_depth,
-                  num_head_channels=c.num_head_channels)
+                  num_head_channels=c.num_head_channels, sft_channels=c.sft_channels, sft_hidden=c.sft_hidden)
+        res_kw = dict(sft_channels=c.sft_channels, sft_hidden=c.sft_hidden)
 
         self.down = nn.ModuleList()
         skip_channels: List[int] = [mc]
@@ -143,35 +146,38 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.mid_res1 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
+        self.mid_res1 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups, **res_kw)
         heads = attention_heads(ch, c.num_heads, c.num_head_channels)
         self.mid_attn = (AttentionBlock(ch, heads, c.norm_groups) if c.context_dim is None else
                          SpatialTransformer(ch, heads, c.context_dim, c.transformer_depth, c.norm_groups))
-        self.mid_res2 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups)
+        self.mid_res2 = ResidualBlock(ch, ch, emb, c.dropout, c.scale_shift, c.norm_groups, **res_kw)
 
         self.up = nn.ModuleList()
-        self._up_ds: List[int] = []
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 self.up.append(UpBlock(ch + skip_channels.pop(), mult * mc, emb, ds in c.attention_resolutions, **kw))
                 ch = mult * mc
-                self._up_ds.append(ds)
                 if level and i == c.num_res_blocks:
                     self.up.append(Upsample(ch))
-                    self._up_ds.append(0)
                     ds //= 2
         self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
 
-    def modulation_channels(self, image_size: Optional[int] = None) -> Dict[str, int]:
-        """The decoder's channels per resolution key (feature-map height as a string), for an input of side
-        ``image_size`` (the configured one by default). Lesson: 04_unet."""
+    def sft_resolutions(self, image_size: Optional[int] = None) -> List[str]:
+        """The resolutions (feature-map heights as strings, largest first) at which this U-Net's residual
+        blocks work for an input of side ``image_size`` (the configured one by default): the keys
+        ``struct_cond`` must hold. Lesson: 09_stablesr."""
         size = image_size or self.config.image_size
-        out: Dict[str, int] = {}
-        for block, ds in zip(self.up, self._up_ds):
-            if isinstance(block, UpBlock):
-                out[str(size // ds)] = block.res.out_channels
-        return out
+        return [str(size // 2 ** level) for level in range(len(self.config.channel_mult))]
+
+    def prior_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights without those of the SFT layers: the frozen prior's part of a StableSR U-Net.
+        Lesson: 09_stablesr."""
+        return {k: v for k, v in self.state_dict().items() if ".sft." not in k}
+
+    def sft_parameters(self) -> List[nn.Parameter]:
+        """The parameters of every SFT layer (empty without ``sft_channels``). Lesson: 09_stablesr."""
+        return [p for name, p in self.named_parameters() if ".sft." in name]
 
     def _check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
         c = self.config
@@ -205,34 +211,42 @@ class UNet(nn.Module):
         if context_mask is not None:
             check_mask(context_mask, context.shape[0], context.shape[1])
 
+    def _check_struct_cond(self, x: torch.Tensor, struct_cond: Optional[StructCond]) -> None:
+        if struct_cond is None:
+            return
+        c = self.config
+        if not c.sft_channels:
+            raise ValueError("struct_cond was given, but this U-Net has no SFT layers (sft_channels is 0); build "
+                             "it with UNetConfig(sft_channels=...) to steer it with condition features")
+        need = self.sft_resolutions(x.shape[-2])
+        if sorted(struct_cond, key=int) != sorted(need, key=int):
+            raise ValueError(f"struct_cond has features for resolutions {sorted(struct_cond, key=int)}, but this "
+                             f"U-Net works at {need} for an input of height {x.shape[-2]}: give one per resolution")
+        for key, f in struct_cond.items():
+            if f.ndim != 4 or f.shape[0] != x.shape[0] or f.shape[1] != c.sft_channels or f.shape[-2] != int(key):
+                raise ValueError(f"struct_cond[{key!r}] must have shape (B={x.shape[0]}, sft_channels="
+                                 f"{c.sft_channels}, {key}, w), got {tuple(f.shape)}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
-                modulation: Optional[Modulation] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                struct_cond: Optional[StructCond] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(x, t)
         self._check_context(x, context, context_mask)
+        self._check_struct_cond(x, struct_cond)
         emb = self.time_embed(t)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = block(h, emb, context, context_mask) if isinstance(block, DownBlock) else block(h)
+            h = block(h, emb, context, context_mask, struct_cond) if isinstance(block, DownBlock) else block(h)
             skips.append(h)
-        h = self.mid_res1(h, emb)
+        h = self.mid_res1(h, emb, struct_cond)
         if isinstance(self.mid_attn, SpatialTransformer):
             h = self.mid_attn(h, context, context_mask)
         else:
             h = self.mid_attn(h)
-        h = self.mid_res2(h, emb)
-        used = set()
+        h = self.mid_res2(h, emb, struct_cond)
         for block in self.up:
             if isinstance(block, UpBlock):
-                h = block(h, emb, context, skip=skips.pop(), context_mask=context_mask)
-                key = str(h.shape[-2])
-                if modulation is not None and key in modulation:
-                    alpha, beta = modulation[key]
-                    h = (1 + alpha) * h + beta  # F_hat = (1 + alpha) * F + beta
-                    used.add(key)
+                h = block(h, emb, context, skip=skips.pop(), context_mask=context_mask, struct_cond=struct_cond)
             else:
                 h = block(h)
-        if modulation is not None and set(modulation) - used:
-            raise ValueError(f"modulation keys {sorted(set(modulation) - used)} match no decoder resolution; "
-                             f"valid keys: {sorted(self.modulation_channels(x.shape[-2]), key=int)}")
         return self.out(h)
