@@ -12,6 +12,7 @@ the tensor it multiplies.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -132,12 +133,30 @@ class GaussianDiffusion:
         self.log_beta_tilde_clipped = torch.log(torch.cat([self.beta_tilde[1:2], self.beta_tilde[1:]]))
         self.posterior_mean_coef_x0 = b * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef_xt = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+        # the products the formulas index, kept as tables so that ``extract`` finds them on every device
+        self.sqrt_alphas = self.alphas.sqrt()
+        self.sqrt_betas = b.sqrt()
+        self.recip_sqrt_alphas = 1.0 / self.sqrt_alphas
+        self.one_minus_alpha_bar = 1.0 - self.alpha_bar
+        self.eps_coef = b / self.sqrt_one_minus_alpha_bar  # beta_t / sqrt(1 - abar_t), Algorithm 2 line 4
+        self.log_betas = torch.log(b)
+        self._device_tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+        # the t tensors the engine made itself (from an integer, or drawn in range): not checked again
+        self._own_t: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
         return f"GaussianDiffusion(T={self.T}, clip_x0={self.clip_x0})"
 
     # -- indexing ----------------------------------------------------------------------------
-    def _check_t(self, t: Union[int, torch.Tensor], batch: int) -> torch.Tensor:
+    def _check_t(self, t: Union[int, torch.Tensor], batch: int, check_values: bool = True) -> torch.Tensor:
+        """``t`` as a ``(batch,)`` long tensor on its own device, its values checked to lie in [0, T). The check
+        of a tensor on a GPU waits for the GPU (a clear error beats a device-side assert), so it is skipped for
+        the t the engine made itself (``_own``: from an integer, or drawn in range) and where
+        ``check_values=False``: the sampling and training loops never wait for it."""
+        if isinstance(t, int) and not isinstance(t, bool):
+            if not 0 <= t < self.T:
+                raise ValueError(f"t must lie in [0, {self.T}) (array indices; the lecture's t = index + 1); got {t}")
+            return torch.full((batch,), t, dtype=torch.long)
         t = torch.as_tensor(t)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must hold integer array indices 0..{self.T - 1}, got dtype {t.dtype}")
@@ -147,25 +166,69 @@ class GaussianDiffusion:
         if t.ndim != 1 or t.shape[0] != batch:
             raise ValueError(f"t must be a scalar or have shape ({batch},) to match the batch; "
                              f"got shape {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.T):
-            raise ValueError(f"t must lie in [0, {self.T}) (array indices; the lecture's t = index + 1); "
-                             f"got values in [{int(t.min())}, {int(t.max())}]")
+        if check_values and t.numel() and self._own_t.get(id(t)) is not t:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.T:
+                raise ValueError(f"t must lie in [0, {self.T}) (array indices; the lecture's t = index + 1); "
+                                 f"got values in [{lo}, {hi}]")
         return t
 
-    def extract(self, coef: torch.Tensor, t: Union[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _table_on(self, coef: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``coef`` on ``device``: one of the process's own tables is copied there once and kept (float32 on
+        Apple's MPS, which has no float64); any other tensor is copied on every call."""
+        if coef.device == device:
+            return coef
+        dtype = torch.float32 if device.type == "mps" else coef.dtype
+        names = [k for k, v in vars(self).items() if v is coef]
+        if not names:
+            return coef.to(device=device, dtype=dtype)
+        key = (names[0], device)
+        if key not in self._device_tables:
+            self._device_tables[key] = coef.to(device=device, dtype=dtype)
+        return self._device_tables[key]
+
+    def extract(self, coef: torch.Tensor, t: Union[int, torch.Tensor], x: torch.Tensor,
+                check_values: bool = True) -> torch.Tensor:
         """``coef[t]`` for each batch element, shaped ``(B, 1, 1, ...)`` to broadcast against ``x`` and cast
-        to its dtype and device. Lesson: 01_forward_process."""
-        t = self._check_t(t, x.shape[0])
-        out = coef[t.cpu()].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
-        return out.reshape(x.shape[0], *([1] * (x.ndim - 1)))
+        to its dtype and device. The lookup runs on ``x``'s device, from a copy of the table kept there, so a
+        sampling or training step neither copies coefficients from the host nor waits for the GPU (``t`` an
+        integer, a t the engine made, or ``check_values=False``; see ``_check_t``). Lesson: 01_forward_process."""
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        table = self._table_on(coef, x.device)
+        shape = (x.shape[0], *([1] * (x.ndim - 1)))
+        if isinstance(t, int) and not isinstance(t, bool):
+            self._check_t(t, 1)
+            return table[t].to(dtype).expand(shape)
+        t = self._check_t(t, x.shape[0], check_values)
+        return table[t.to(x.device)].to(dtype).reshape(shape)
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark ``t`` as made by the engine in range, so that no later lookup checks (and waits for) it."""
+        self._own_t[id(t)] = t
+        return t
+
+    def _t_on(self, t: Union[int, torch.Tensor], x: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """``t`` as a ``(B,)`` long tensor on ``x``'s device; an integer is made there (no copy from the host)."""
+        if isinstance(t, int) and not isinstance(t, bool):
+            self._check_t(t, 1)
+            return self._own(torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        out = self._check_t(t, x.shape[0], check_values).to(x.device)
+        return self._own(out) if out is not t else out  # a copy of checked (or trusted) values
 
     @staticmethod
     def _randn(shape: Sequence[int], like: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise on ``device`` (or ``like``'s). A CPU ``generator`` draws on the CPU and the noise
+        is copied over, so one seed gives the same numbers on every device; a generator on the device draws
+        there (fast, reproducible on that kind of device only); none draws from the device's global stream."""
         if like is not None:
             device, dtype = like.device, like.dtype
-        # draw on the CPU with the (CPU) generator so that a seed gives the same noise on every device
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device or "cpu")
+        device = torch.device(device or "cpu")
+        if generator is not None and generator.device.type == "cpu":
+            return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"the generator lives on {generator.device} but the noise is for {device}")
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
 
     def _check_same_shape(self, **tensors: torch.Tensor) -> None:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -182,11 +245,11 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_prev)
         self._check_same_shape(x_prev=x_prev, noise=noise)
-        return self.extract(self.alphas.sqrt(), t, x_prev) * x_prev + self.extract(self.betas.sqrt(), t, x_prev) * noise
+        return self.extract(self.sqrt_alphas, t, x_prev) * x_prev + self.extract(self.sqrt_betas, t, x_prev) * noise
 
     def q_mean_variance(self, x0: torch.Tensor, t: Union[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean sqrt(abar_t) x_0 and variance (1 - abar_t) of q(x_t | x_0). Lesson: 01_forward_process."""
-        return self.extract(self.sqrt_alpha_bar, t, x0) * x0, self.extract(1.0 - self.alpha_bar, t, x0)
+        return self.extract(self.sqrt_alpha_bar, t, x0) * x0, self.extract(self.one_minus_alpha_bar, t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: Union[int, torch.Tensor],
                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -235,8 +298,7 @@ class GaussianDiffusion:
         """mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta), the mean of
         Algorithm 2, line 4. Lesson: 02_elbo_to_simple_loss."""
         self._check_same_shape(xt=xt, eps=eps)
-        coef = self.betas / self.sqrt_one_minus_alpha_bar
-        return self.extract(1.0 / self.alphas.sqrt(), t, xt) * (xt - self.extract(coef, t, xt) * eps)
+        return self.extract(self.recip_sqrt_alphas, t, xt) * (xt - self.extract(self.eps_coef, t, xt) * eps)
 
     def sigma_squared(self, kind: str = "beta") -> torch.Tensor:
         """The fixed reverse variances sigma_t^2, float64 ``(T,)``: ``"beta"`` (sigma_t^2 = beta_t, best for
@@ -269,7 +331,7 @@ class GaussianDiffusion:
         Lesson: 03_training_and_sampling.
         """
         clip = self.clip_x0 if clip_x0 is None else clip_x0
-        tt = self._check_t(t, xt.shape[0]).to(xt.device)
+        tt = self._t_on(t, xt)
         eps = model(xt, tt, **(model_kwargs or {}))
         if eps.shape != xt.shape:
             raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape "
@@ -281,7 +343,7 @@ class GaussianDiffusion:
         else:
             mean = self.mu_from_eps(xt, tt, eps)
         s2 = self.sigma_squared(sigma)
-        log_s2 = torch.log(s2) if sigma == "beta" else self.log_beta_tilde_clipped
+        log_s2 = self.log_betas if sigma == "beta" else self.log_beta_tilde_clipped
         return {"mean": mean, "variance": self.extract(s2, tt, xt), "log_variance": self.extract(log_s2, tt, xt),
                 "x0_pred": x0_pred, "eps": eps}
 
@@ -325,7 +387,7 @@ class GaussianDiffusion:
         if isinstance(model, torch.nn.Module):
             model.eval()
         x = self._start(model, shape, x_T, generator, device)
-        frames, times = [x.cpu()], [self.T]
+        frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
         for i in tqdm(range(self.T - 1, -1, -1), desc="DDPM sampling", disable=not progress, leave=False):
             x = self.p_sample(model, x, i, sigma, clip_x0, generator, model_kwargs)
             if return_trajectory and (i % trajectory_stride == 0):
@@ -363,7 +425,7 @@ class GaussianDiffusion:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         clip = self.clip_x0 if clip_x0 is None else clip_x0
-        tt = self._check_t(t, xt.shape[0]).to(xt.device)
+        tt = self._t_on(t, xt)
         eps = model(xt, tt, **(model_kwargs or {}))
         if eps.shape != xt.shape:
             raise ValueError(f"the model returned shape {tuple(eps.shape)} for input {tuple(xt.shape)}")
@@ -392,7 +454,7 @@ class GaussianDiffusion:
             model.eval()
         x = self._start(model, shape, x_T, generator, device)
         seq = self.ddim_timesteps(steps)
-        frames, times = [x.cpu()], [self.T]
+        frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
         for k, t in enumerate(tqdm(seq, desc=f"DDIM sampling ({steps} steps)", disable=not progress, leave=False)):
             t_prev = seq[k + 1] if k + 1 < len(seq) else -1
             x = self.ddim_step(model, x, t, t_prev, eta, clip_x0, generator, model_kwargs)
@@ -408,8 +470,13 @@ class GaussianDiffusion:
     # -- the losses (lessons 02 and 03) ---------------------------------------------------------------
     def sample_t(self, batch: int, device: Optional[Union[str, torch.device]] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """t ~ Uniform({1, ..., T}) as array indices 0..T-1, shape ``(batch,)``. Lesson: 03_training_and_sampling."""
-        return torch.randint(0, self.T, (batch,), generator=generator).to(device or "cpu")
+        """t ~ Uniform({1, ..., T}) as array indices 0..T-1, shape ``(batch,)``, on ``device``. Like the noise
+        (see ``_randn``), a CPU ``generator`` draws on the CPU, a generator on the device or none draws there.
+        Lesson: 03_training_and_sampling."""
+        device = torch.device(device or "cpu")
+        if generator is not None and generator.device.type == "cpu":
+            return self._own(torch.randint(0, self.T, (batch,), generator=generator).to(device))
+        return self._own(torch.randint(0, self.T, (batch,), generator=generator, device=device))
 
     def L_simple(self, model: Model, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
                  noise: Optional[torch.Tensor] = None, model_kwargs: Optional[Dict[str, Any]] = None,
@@ -417,9 +484,9 @@ class GaussianDiffusion:
         """L_simple = E_{x_0, eps, t} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2,
         estimated on the batch (squared error averaged over batch and dimensions). Lesson: 02_elbo_to_simple_loss.
         """
-        if t is None:
+        if t is None:  # drawn in range: never checked, so the step never waits for the GPU
             t = self.sample_t(x0.shape[0], x0.device, generator)
-        t = self._check_t(t, x0.shape[0]).to(x0.device)
+        t = self._t_on(t, x0)
         if noise is None:
             noise = self._randn(x0.shape, like=x0, generator=generator)
         xt = self.q_sample(x0, t, noise)
@@ -458,7 +525,7 @@ class GaussianDiffusion:
         L_0 = -log p_theta(x_0 | x_1) (discretised Gaussian, data in [-1, 1]) where index t = 0.
         Lesson: 02_elbo_to_simple_loss.
         """
-        tt = self._check_t(t, x0.shape[0]).to(x0.device)
+        tt = self._t_on(t, x0)
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, xt, tt)
         out = self.p_mean_variance(model, xt, tt, sigma=sigma, clip_x0=False, model_kwargs=model_kwargs)
         kl = sum_flat(normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"]))

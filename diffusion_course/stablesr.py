@@ -116,8 +116,8 @@ class SRDiffusion(nn.Module):
         if c_lr.shape != x0.shape:
             raise ValueError(f"the upsampled LR image {tuple(c_lr.shape)} does not match the HR image's "
                              f"{tuple(x0.shape)}: LR images must be the HR size divided by scale = {self.scale}")
-        t = self.diffusion.sample_t(x0.shape[0], generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device) if generator is not None else torch.randn_like(x0)
+        t = self.diffusion.sample_t(x0.shape[0], x0.device, generator)
+        noise = self.diffusion._randn(x0.shape, like=x0, generator=generator)
         x_t = self.diffusion.q_sample(x0, t, noise)
         return F.mse_loss(self.eps(x_t, t, c_lr), noise)
 

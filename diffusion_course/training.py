@@ -9,7 +9,9 @@ engineering a real run needs:
 * gradient clipping, a learning-rate warm-up, a progress bar with the running loss, the loss history;
 * sample grids (PNG) and checkpoints (safetensors, see :mod:`diffusion_course.checkpoint`) in the run
   folder ``TrainConfig.out``; a resumed run continues exactly where it stopped, because every random
-  number comes from generators whose states the checkpoint keeps;
+  number comes from generators whose states the checkpoint keeps. One seed gives the same run on every
+  CPU; on a GPU the loss's t and noise are drawn on the GPU (no copy from the host at each step), so a GPU
+  run repeats itself on that kind of GPU, up to its floating-point non-determinism, but differs from a CPU run;
 * several GPUs through ``torchrun`` (DistributedDataParallel, one process per GPU; see
   :mod:`diffusion_course.distributed`).
 
@@ -397,9 +399,13 @@ class Trainer:
         self.amp_dtype = select_amp(self.device, c.amp)
         self.scaler = torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
                                            enabled=self.amp_dtype == torch.float16)
-        # every random number of the loop comes from these two generators (CPU, one pair per process)
+        # every random number of the loop comes from these generators (one set per process): on the CPU, two;
+        # on a GPU the loss's t and eps are drawn there by a third, so that no step copies noise from the host
         self.data_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 0))
         self.noise_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 1))
+        self.loss_generator = self.noise_generator
+        if self.device.type != "cpu":
+            self.loss_generator = torch.Generator(self.device).manual_seed(stream_seed(c.seed, self.dist.rank, 3))
         extras = tuple(x for x in (cond, semantic) if x is not None)
         self.batches = random_batches(data, c.batch_size // world, *extras, generator=self.data_generator)
         # the conditions of the sample grids: every class in turn, or the first conditions of the data
@@ -447,7 +453,7 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            loss = self.diffusion.L_simple(self.net, x0, model_kwargs=kwargs or None, generator=self.noise_generator)
+            loss = self.diffusion.L_simple(self.net, x0, model_kwargs=kwargs or None, generator=self.loss_generator)
         self.scaler.scale(loss).backward()  # under DDP this averages the gradients over processes
         value = mean_over_processes(loss, self.dist)
         if not np.isfinite(value):
@@ -529,6 +535,8 @@ class Trainer:
                   "torch": torch.get_rng_state()}  # the global generator drives dropout
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.loss_generator is not self.noise_generator:
+            states["loss"] = self.loss_generator.get_state()
         return states
 
     def save(self, folder: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
@@ -584,11 +592,15 @@ class Trainer:
             torch.set_rng_state(rngs[f"{rank}/torch"])
             if self.device.type == "cuda" and f"{rank}/cuda" in rngs:
                 torch.cuda.set_rng_state(rngs[f"{rank}/cuda"], self.device)
+            if self.loss_generator is not self.noise_generator and f"{rank}/loss" in rngs:
+                self.loss_generator.set_state(rngs[f"{rank}/loss"])
         else:  # another number of processes: fresh streams, the run goes on but not bit for bit
             warnings.warn(f"the checkpoint was written by {state['world_size']} processes, this run has "
                           f"{self.dist.world_size}; resuming with fresh random streams (not bit-exact)")
             self.data_generator.manual_seed(stream_seed(self.config.seed, rank, 0, self.step))
             self.noise_generator.manual_seed(stream_seed(self.config.seed, rank, 1, self.step))
+            if self.loss_generator is not self.noise_generator:
+                self.loss_generator.manual_seed(stream_seed(self.config.seed, rank, 3, self.step))
 
     def close(self) -> None:
         """Leave the process group if this trainer created it. Lesson: 04_unet."""
