@@ -519,15 +519,18 @@ class GaussianDiffusion:
         return sum_flat(normal_kl(mean, var.log().expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean)))
 
     def vb_term(self, model: Model, x0: torch.Tensor, xt: torch.Tensor, t: Union[int, torch.Tensor],
-                sigma: str = "beta_tilde", model_kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+                sigma: str = "beta_tilde", model_kwargs: Optional[Dict[str, Any]] = None,
+                clip_x0: bool = False) -> torch.Tensor:
         """One term of the bound, in nats summed over dimensions, ``(B,)``:
         L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where index t > 0, and the decoder term
-        L_0 = -log p_theta(x_0 | x_1) (discretised Gaussian, data in [-1, 1]) where index t = 0.
-        Lesson: 02_elbo_to_simple_loss.
+        L_0 = -log p_theta(x_0 | x_1) (discretised Gaussian, data in [-1, 1]) where index t = 0. With
+        ``clip_x0`` the mean of p_theta comes from the predicted x_0 clamped to [-1, 1], as in the code behind
+        the published bounds (Nichol & Dhariwal 2021 evaluate with clipping on); the default is the bound of
+        the lecture's unclipped model. Lesson: 02_elbo_to_simple_loss.
         """
         tt = self._t_on(t, x0)
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, xt, tt)
-        out = self.p_mean_variance(model, xt, tt, sigma=sigma, clip_x0=False, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, xt, tt, sigma=sigma, clip_x0=clip_x0, model_kwargs=model_kwargs)
         kl = sum_flat(normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"]))
         nll = -sum_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"]))
         return torch.where(tt == 0, nll, kl)
@@ -535,10 +538,12 @@ class GaussianDiffusion:
     @torch.no_grad()
     def variational_bound_bpd(self, model: Model, x0: torch.Tensor, sigma: str = "beta_tilde",
                               progress: bool = True, generator: Optional[torch.Generator] = None,
-                              model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
+                              model_kwargs: Optional[Dict[str, Any]] = None, clip_x0: bool = False
+                              ) -> Dict[str, torch.Tensor]:
         """The full bound -log p(x_0) <= L_T + sum_{t=2}^T L_{t-1} + L_0, in bits per dimension, one
         x_t ~ q(x_t | x_0) per term. Returns ``total`` ``(B,)``, ``prior`` ``(B,)`` and ``terms`` ``(B, T)``
-        (column i is the term at array index i: L_0 in column 0). Lesson: 02_elbo_to_simple_loss.
+        (column i is the term at array index i: L_0 in column 0). ``clip_x0``: see :meth:`vb_term`.
+        Lesson: 02_elbo_to_simple_loss.
         """
         B = x0.shape[0]
         dims = x0[0].numel()
@@ -546,7 +551,7 @@ class GaussianDiffusion:
         for i in tqdm(range(self.T), desc="variational bound", disable=not progress, leave=False):
             noise = self._randn(x0.shape, like=x0, generator=generator)
             xt = self.q_sample(x0, i, noise)
-            terms[:, i] = self.vb_term(model, x0, xt, i, sigma, model_kwargs).double().cpu()
+            terms[:, i] = self.vb_term(model, x0, xt, i, sigma, model_kwargs, clip_x0).double().cpu()
         prior = self.prior_kl(x0).double().cpu()
         to_bpd = 1.0 / (dims * math.log(2.0))
         return {"total": (terms.sum(1) + prior) * to_bpd, "prior": prior * to_bpd, "terms": terms * to_bpd}

@@ -245,3 +245,20 @@ def test_clear_errors(diffusion):
         diffusion.ddim_timesteps(0)
     with pytest.raises(ValueError, match="valid names"):
         GaussianDiffusion("sigmoid", T=10)
+
+
+def test_bound_with_clipping_changes_only_what_leaves_the_range(diffusion):
+    """Clipping the predicted x_0 (the published bounds' setting) changes nothing for an exact model whose
+    predictions stay in [-1, 1], and changes the terms of a model whose predictions leave it."""
+    g = lambda: torch.Generator().manual_seed(3)
+    c = torch.tensor([[0.5, -0.25, 0.75, 0.0]], dtype=torch.float64).expand(2, 4).contiguous()
+    exact = oracle_for_point(c, diffusion)
+    plain = diffusion.variational_bound_bpd(exact, c, progress=False, generator=g())
+    clipped = diffusion.variational_bound_bpd(exact, c, progress=False, generator=g(), clip_x0=True)
+    assert torch.allclose(plain["total"], clipped["total"], rtol=1e-9, atol=1e-12)
+    wild = lambda xt, t: 3.0 * torch.ones_like(xt)  # x_0 predictions far outside [-1, 1]
+    a = diffusion.variational_bound_bpd(wild, c, progress=False, generator=g())
+    b = diffusion.variational_bound_bpd(wild, c, progress=False, generator=g(), clip_x0=True)
+    assert torch.isfinite(b["total"]).all()
+    assert not torch.allclose(a["terms"], b["terms"])
+    assert (b["total"] < a["total"]).all()  # clamping pulls the predictions towards the data's range
