@@ -1,4 +1,11 @@
-"""Sample quality and speed of a shipped DDPM digit model: DDPM (all T steps) against DDIM at several step counts.
+"""Sample quality and speed of a shipped DDPM digit model: DDPM (all T steps), DDIM and DPM-Solver++ 2M at several
+step counts.
+
+The samplers: DDPM's Algorithm 2 with all T network calls (``--no-ddpm`` skips it), DDIM with eta = 0 at each step
+count of ``--ddim`` (on its own evenly spread grid), and, when ``--dpm`` gives step counts, the second-order
+DPM-Solver++ 2M (``diffusion_course.solvers``) on the grid that ``--spacing`` names (``linspace``, the DDIM grid, by
+default; ``leading`` or ``trailing``). DDIM and DPM-Solver++ 2M both make one network call per step, so a row's
+step count is its cost.
 
 For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
 measures, with the package's digit classifier (``diffusion_course.metrics``):
@@ -18,6 +25,8 @@ difference between a generated and a real set is where the images came from.
 
     python benchmarks/bench_samplers.py --model ddpm_digits16 --n 1000 --seeds 3 --json samplers.json
     python benchmarks/bench_samplers.py --model ddpm_digits16 --n 64 --seeds 1 --ddim 10,50   # quick, CPU
+    python benchmarks/bench_samplers.py --model ddpm_digits16 --n 1000 --seeds 3 --ddim 5,10,20,50 --dpm 5,10,20,50
+    python benchmarks/bench_samplers.py --n 64 --seeds 1 --no-ddpm --ddim 10 --dpm 10 --spacing trailing
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_course import data, metrics, pretrained, utils  # noqa: E402
+from diffusion_course import data, metrics, pretrained, solvers, utils  # noqa: E402
 
 
 def parse_steps(text: str) -> List[int]:
@@ -50,6 +59,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--n", type=int, default=1000, help="generated samples per sampler and seed")
     p.add_argument("--seeds", type=int, default=3, help="repeats with different noise")
     p.add_argument("--ddim", type=parse_steps, default=parse_steps("10,25,50,100,250"), help="DDIM step counts")
+    p.add_argument("--dpm", type=parse_steps, default=[],
+                   help="DPM-Solver++ 2M step counts, e.g. 10,20 (default: none)")
+    p.add_argument("--spacing", default="linspace", choices=solvers.SPACINGS,
+                   help="time-step grid of DPM-Solver++ 2M (DDIM always uses its linspace grid)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the T-step ancestral sampler")
     p.add_argument("--batch", type=int, default=1000, help="images per sampling batch")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -60,6 +73,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     device = torch.device(args.device) if args.device else utils.get_device()
     model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
     size = config["unet"]["image_size"]
+    if max(args.ddim + args.dpm) > diffusion.T:
+        p.error(f"step counts must be at most T = {diffusion.T}, got {max(args.ddim + args.dpm)}")
     to32 = lambda x: data.resize(x.float().cpu(), 32)  # noqa: E731
     train_real = data.get_dataset("digits", image_size=size, split="train").images
     ref = to32(data.get_dataset("digits", image_size=size, split="test").images)
@@ -82,7 +97,9 @@ def main(argv: Any = None) -> Dict[str, Any]:
     print(f"floor, real train digits: FD {rows[0]['fd']['mean']:.3f} ± {rows[0]['fd']['std']:.3f}; "
           f"split-half of the test split ({half['n_half']} vs {half['n_half']}): {half['fd']:.3f} ± {half['fd_std']:.3f}")
 
-    runs = ([] if args.no_ddpm else [("DDPM", diffusion.T)]) + [("DDIM", s) for s in args.ddim]
+    dpm_name = "DPM-Solver++ 2M"
+    runs = (([] if args.no_ddpm else [("DDPM", diffusion.T)]) + [("DDIM", s) for s in args.ddim]
+            + [(dpm_name, s) for s in args.dpm])
     for name, steps in runs:
         fds, confs, secs = [], [], []
         for seed in range(args.seeds):
@@ -95,6 +112,9 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 shape = (min(args.batch, args.n - start), 1, size, size)
                 if name == "DDPM":
                     out.append(diffusion.sample(model, shape, generator=g, device=device, progress=False))
+                elif name == dpm_name:
+                    out.append(solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps,
+                                                               spacing=args.spacing, generator=g, device=device))
                 else:
                     out.append(diffusion.ddim_sample(model, shape, steps=steps, generator=g, device=device,
                                                       progress=False))
@@ -106,6 +126,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
             confs.append(q["confident_share"])
         row = dict(sampler=name, steps=steps, fd=summary(fds), confident=summary(confs),
                    seconds=summary(secs), images_per_s=args.n / summary(secs)["mean"])
+        if name == dpm_name:
+            row["spacing"] = args.spacing
         rows.append(row)
         print(f"{name:>4} {steps:>5} steps: FD {row['fd']['mean']:.3f} ± {row['fd']['std']:.3f}, confident "
               f"{row['confident']['mean']:.1%}, {row['seconds']['mean']:.2f} s per {args.n} samples "
@@ -115,7 +137,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     for r in rows:
         calls = r["steps"] or "-"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
-        print(f"| {r['sampler']} | {calls} | {r['fd']['mean']:.3f} ± {r['fd']['std']:.3f} | "
+        label = f"{r['sampler']} ({r['spacing']})" if "spacing" in r else r["sampler"]
+        print(f"| {label} | {calls} | {r['fd']['mean']:.3f} ± {r['fd']['std']:.3f} | "
               f"{r['confident']['mean']:.1%} | {ips} |")
     result = dict(model=args.model, step=config["step"], device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -26,11 +26,35 @@ def test_bench_samplers_measures_every_sampler_and_the_floor(tmp_path):
     assert all(r["fd"]["mean"] > 0 for r in rows) and rows[1]["images_per_s"] > 0
 
 
+def test_bench_samplers_runs_dpm_solver_beside_ddim(tmp_path, one_thread):
+    out = tmp_path / "d.json"
+    with pytest.warns(UserWarning, match="fewer samples"):
+        result = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "2",
+                                              "--dpm", "2,3", "--no-ddpm", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("real train digits", 0), ("DDIM", 2),
+                                                          ("DPM-Solver++ 2M", 2), ("DPM-Solver++ 2M", 3)]
+    assert [r.get("spacing") for r in rows] == [None, None, "linspace", "linspace"]
+    # with two steps both are first order on the same grid from the same noise: the same samples, the same FD
+    assert rows[2]["fd"]["mean"] == pytest.approx(rows[1]["fd"]["mean"], rel=1e-4)
+    assert rows[3]["fd"]["mean"] > 0 and rows[3]["images_per_s"] > 0 and result["rows"][3]["spacing"] == "linspace"
+    with pytest.warns(UserWarning, match="fewer samples"):
+        trailing = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "2",
+                                                "--dpm", "3", "--spacing", "trailing", "--no-ddpm"])
+    assert trailing["rows"][2]["spacing"] == "trailing" and trailing["rows"][2]["fd"]["mean"] > 0
+
+
 def test_bench_samplers_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         load("bench_samplers").main(["--n", "1"])
     with pytest.raises(SystemExit):
         load("bench_samplers").main(["--ddim", "0,5"])
+    with pytest.raises(SystemExit):
+        load("bench_samplers").main(["--dpm", "0,5"])
+    with pytest.raises(SystemExit):
+        load("bench_samplers").main(["--dpm", "5", "--spacing", "uniform"])
+    with pytest.raises(SystemExit):
+        load("bench_samplers").main(["--device", "cpu", "--dpm", "100000"])
 
 
 def test_bench_guidance_measures_both_tasks(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_course.ddpm import GaussianDiffusion
+from diffusion_course.solvers import dpm_solver_pp_2m_sample
 
 
 @pytest.fixture
@@ -73,6 +74,7 @@ def test_hot_loops_never_range_check_t(diffusion, no_value_checks):
     assert torch.isfinite(loss)
     diffusion.ddim_sample(toy_model, (2, 1, 4, 4), steps=5, generator=g, progress=False)
     diffusion.sample(toy_model, (2, 1, 4, 4), generator=g, progress=False)
+    dpm_solver_pp_2m_sample(diffusion, toy_model, (2, 1, 4, 4), steps=5, generator=g)
 
 
 def test_user_tensors_are_still_checked(diffusion):

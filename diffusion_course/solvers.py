@@ -1,0 +1,228 @@
+"""A higher-order solver of the probability-flow ODE: DPM-Solver++ 2M (Lu et al. 2022), and the time-step
+spacings that samplers with few steps use.
+
+Taught in lesson 03_training_and_sampling, right after DDIM.
+
+Notation of the lecture: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the network's data estimate
+x0_hat(x_t, t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t). Time is measured by the half
+log-SNR
+
+    lambda_t = log( sqrt(abar_t) / sqrt(1 - abar_t) ),
+
+which grows from about -5 at t = T (linear schedule) to +inf at the data (abar = 1). In lambda, DDIM's
+deterministic process (the probability-flow ODE) reads d( x / sqrt(1 - abar) ) / d lambda = e^lambda x0_hat, so
+from a level s to a later level t (lambda_t > lambda_s, h = lambda_t - lambda_s), exactly,
+
+    x_t = sqrt(1 - abar_t) / sqrt(1 - abar_s) x_s
+          + sqrt(1 - abar_t) * integral_{lambda_s}^{lambda_t} e^lambda x0_hat(x_lambda, lambda) dlambda.
+
+The linear part is integrated exactly (an *exponential integrator*); only x0_hat along the way is approximated.
+
+* Holding x0_hat at its value at s (first order) gives
+  x_t = sqrt(1 - abar_t) / sqrt(1 - abar_s) x_s + sqrt(abar_t) (1 - e^-h) x0_hat, which is exactly DDIM's step
+  with eta = 0 (:meth:`GaussianDiffusion.ddim_step`).
+* DPM-Solver++ 2M (the paper's Algorithm 2, "multistep, second order") keeps the x0_hat of the previous step,
+  at lambda_prev (h_prev = lambda_s - lambda_prev, r = h_prev / h), and replaces x0_hat in the same update by
+  D = (1 + 1 / (2 r)) x0_hat_s - 1 / (2 r) x0_hat_prev: a linear extrapolation in lambda, one network call per
+  step as for DDIM, and a local error one order smaller.
+
+The first step has no previous x0_hat and is first order (a DDIM step). The last step goes to abar = 1, where
+lambda = +inf, h = +inf and r = 0: the second-order weight h / (2 h_prev) is infinite, so that step is first order
+too, and the first-order update at abar = 1 returns the last x0_hat unchanged (as DDIM's last step does, and
+as k-diffusion's ``sample_dpmpp_2m`` and diffusers' ``DPMSolverMultistepScheduler`` with a final noise level of
+zero do).
+
+One safeguard goes beyond the paper's Algorithm 2 (``lower_order_final=True``, the default; the name is the
+option by which the paper's code and diffusers take their final steps at lower order, for the same reason): a step
+more than twice as long in lambda as the step before it (h > 2 h_prev, i.e. an extrapolation weight
+h / (2 h_prev) > 1) is taken at first order. The evenly spaced grids in t (``"linspace"``, ``"leading"``) end with
+such a step: their last level, index 0 or 1, lies a long way in lambda beyond the one before it (for T = 1000,
+the linear or cosine schedule and 5 to 100 steps, h is 2.4 to 5 times h_prev there, while no earlier step is
+more than 1.7 times the one before it), and extrapolating x0_hat linearly over that stretch overshoots, because
+x0_hat levels off as lambda grows. The ``"trailing"`` grid has no such step. ``lower_order_final=False`` is
+Algorithm 2 verbatim (with the last step to abar = 1 first order, as it must be). Every scalar coefficient is
+computed in float64 and applied to tensors of any dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .ddpm import GaussianDiffusion, Model, Trajectory
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+# ----------------------------------------------------------------------------------------------
+# Which levels a few-step sampler visits
+# ----------------------------------------------------------------------------------------------
+
+def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
+    """``steps`` distinct array indices in ``[0, T - 1]``, in decreasing order: the levels a sampler with
+    ``steps`` network calls visits before its last step to abar = 1 (x_0).
+
+    * ``"linspace"``: ``round(linspace(0, T - 1, steps))``, evenly spread with both ends included (T - 1 first,
+      0 last), exactly :meth:`GaussianDiffusion.ddim_timesteps`. (With ``steps = 1`` that is ``[0]``.)
+    * ``"leading"``: the DDIM paper's uniform skip, ``i * (T // steps)`` for ``i = 0 .. steps - 1``, shifted up
+      by one as Stable Diffusion does (``steps_offset = 1`` in its scheduler configuration): for T = 1000 and
+      50 steps, 981, 961, ..., 21, 1. When ``steps = T`` the shift would leave the table (index T), so there it
+      is 0 and the grid is every index. Its first level lies below T - 1, so sampling starts from a level with
+      a little signal left while x_T is pure noise.
+    * ``"trailing"``: from T - 1 down in strides of T / steps, ``round(T - i * T / steps) - 1`` (numpy's round,
+      halves to even): for T = 1000 and 50 steps, 999, 979, ..., 19. It starts at the noisiest level and
+      does not reach index 0.
+
+    Lesson: 03_training_and_sampling.
+    """
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"T must be a positive integer (the number of diffusion steps), got {T!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not (1 <= steps <= T):
+        raise ValueError(f"steps must be an integer with 1 <= steps <= T = {T}, got {steps!r}")
+    T, steps = int(T), int(steps)
+    if spacing == "linspace":
+        idx = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1]
+    elif spacing == "leading":
+        ratio = T // steps
+        offset = 1 if (steps - 1) * ratio + 1 <= T - 1 else 0
+        idx = (np.arange(steps, dtype=np.int64) * ratio + offset)[::-1]
+    elif spacing == "trailing":
+        idx = np.round(T - np.arange(steps, dtype=np.float64) * (T / steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    out = [int(i) for i in idx]
+    assert len(set(out)) == steps and out == sorted(out, reverse=True) and 0 <= out[-1] and out[0] <= T - 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of one step
+# ----------------------------------------------------------------------------------------------
+
+def half_log_snr(alpha_bar: float) -> float:
+    """lambda = log( sqrt(abar) / sqrt(1 - abar) ) = (log abar - log(1 - abar)) / 2, in float64; +inf at
+    abar = 1 (the data). Lesson: 03_training_and_sampling."""
+    alpha_bar = float(alpha_bar)
+    if not 0.0 < alpha_bar <= 1.0:
+        raise ValueError(f"abar must lie in (0, 1], got {alpha_bar}")
+    if alpha_bar == 1.0:
+        return math.inf
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+def dpm_solver_pp_update(x_s: torch.Tensor, x0: torch.Tensor, alpha_bar_s: float, alpha_bar_t: float
+                         ) -> torch.Tensor:
+    """The exponential-integrator step from level s to the later level t with a data estimate ``x0`` held
+    fixed over the step:
+
+        x_t = sqrt(1 - abar_t) / sqrt(1 - abar_s) x_s + sqrt(abar_t) (1 - e^-h) x0,  h = lambda_t - lambda_s.
+
+    With ``x0 = x0_hat(x_s)`` this is DDIM's step with eta = 0; DPM-Solver++ 2M passes its corrected estimate
+    D instead. At ``alpha_bar_t = 1`` (lambda_t = +inf) it returns ``x0``. ``x_s`` and ``x0``: ``(B, ...)``.
+    Lesson: 03_training_and_sampling.
+    """
+    if x_s.shape != x0.shape:
+        raise ValueError(f"x_s has shape {tuple(x_s.shape)} but x0 has {tuple(x0.shape)}")
+    alpha_bar_s, alpha_bar_t = float(alpha_bar_s), float(alpha_bar_t)
+    h = half_log_snr(alpha_bar_t) - half_log_snr(alpha_bar_s)
+    if not h > 0:
+        raise ValueError(f"a step must go towards the data (abar_t > abar_s), got abar_s = {alpha_bar_s}, "
+                         f"abar_t = {alpha_bar_t}")
+    coef_x = math.sqrt((1.0 - alpha_bar_t) / (1.0 - alpha_bar_s))  # sigma_t / sigma_s; 0 at the data
+    coef_x0 = math.sqrt(alpha_bar_t) * -math.expm1(-h)             # sqrt(abar_t) (1 - e^-h); 1 at the data
+    return coef_x * x_s + coef_x0 * x0
+
+
+def multistep_x0(x0_hat: torch.Tensor, x0_hat_prev: torch.Tensor, h: float, h_prev: float) -> torch.Tensor:
+    """DPM-Solver++ 2M's data estimate for a step of size h (in lambda) from the current estimate and the one
+    of the previous step, h_prev before it: with r = h_prev / h,
+
+        D = (1 + 1 / (2 r)) x0_hat - 1 / (2 r) x0_hat_prev = x0_hat + h / (2 h_prev) (x0_hat - x0_hat_prev).
+
+    Both estimates ``(B, ...)``; h and h_prev finite and > 0. Lesson: 03_training_and_sampling.
+    """
+    if x0_hat.shape != x0_hat_prev.shape:
+        raise ValueError(f"the two estimates differ in shape: {tuple(x0_hat.shape)} and {tuple(x0_hat_prev.shape)}")
+    if not (0 < h < math.inf and 0 < h_prev < math.inf):
+        raise ValueError(f"the second-order correction needs finite step sizes > 0, got h = {h}, h_prev = {h_prev}")
+    half_over_r = h / (2.0 * h_prev)  # 1 / (2 r)
+    return (1.0 + half_over_r) * x0_hat - half_over_r * x0_hat_prev
+
+
+def _predict_x0(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, t: int, clip: bool,
+                model_kwargs: Optional[Dict[str, Any]]) -> torch.Tensor:
+    tt = diffusion._t_on(int(t), x)  # made on x's device and never range-checked again
+    eps = model(x, tt, **(model_kwargs or {}))
+    if eps.shape != x.shape:
+        raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of shape {tuple(x.shape)}; "
+                         "an eps-prediction must have the input's shape")
+    x0_hat = diffusion.predict_x0_from_eps(x, tt, eps)
+    return x0_hat.clamp(-1.0, 1.0) if clip else x0_hat
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int], steps: int = 20,
+                            spacing: str = "linspace", clip_x0: Optional[bool] = None,
+                            x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                            device: Optional[Union[str, torch.device]] = None, progress: bool = False,
+                            model_kwargs: Optional[Dict[str, Any]] = None, return_trajectory: bool = False,
+                            lower_order_final: bool = True) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
+    """Sample with DPM-Solver++ 2M (Lu et al. 2022, Algorithm 2): ``steps`` network calls, deterministic given x_T.
+
+    Used like :meth:`GaussianDiffusion.ddim_sample`: ``model(x_t, t, **model_kwargs) -> eps_theta`` (any
+    callable; an ``nn.Module`` is put in eval mode while sampling and back in training mode after), x_T drawn
+    from ``generator`` on the CPU unless given, ``shape`` ``(B, ...)``. The levels come from
+    :func:`timesteps` with ``spacing``. Step 1 is first order (DDIM with eta = 0), the middle steps use
+    :func:`multistep_x0`, the last step to abar = 1 is first order and returns the last x0_hat. With
+    ``lower_order_final`` (default) a step more than twice as long in lambda as the one before it is first order
+    too (see the module's docstring); ``False`` gives the paper's Algorithm 2 verbatim. With ``clip_x0``
+    (default: ``diffusion.clip_x0``) every x0_hat is clamped to [-1, 1] before it enters an update. With
+    ``return_trajectory`` also returns a :class:`~diffusion_course.ddpm.Trajectory` of x_T and every x after a
+    step (on the CPU), labelled with the lecture's t (T first, 0 for the sample), as ``ddim_sample`` does.
+
+    Lesson: 03_training_and_sampling.
+    """
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}; "
+                        "call dpm_solver_pp_2m_sample(diffusion, model, shape, ...)")
+    seq = timesteps(diffusion.T, steps, spacing)
+    clip = diffusion.clip_x0 if clip_x0 is None else bool(clip_x0)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        x = diffusion._start(model, shape, x_T, generator, device)
+        frames, times = ([x.cpu()] if return_trajectory else []), [diffusion.T]
+        x0_prev: Optional[torch.Tensor] = None
+        h_prev = math.nan
+        for k, t in enumerate(tqdm(seq, desc=f"DPM-Solver++ 2M ({steps} steps)", disable=not progress, leave=False)):
+            t_next = seq[k + 1] if k + 1 < len(seq) else -1  # -1: the data, abar = 1
+            alpha_bar_s = float(diffusion.alpha_bar[t])
+            alpha_bar_t = float(diffusion.alpha_bar[t_next]) if t_next >= 0 else 1.0
+            h = half_log_snr(alpha_bar_t) - half_log_snr(alpha_bar_s)
+            x0_hat = _predict_x0(diffusion, model, x, t, clip, model_kwargs)
+            # first order: the first step (no history), the last one (h = +inf), and with lower_order_final a step
+            # more than twice as long as the one before (extrapolation weight h / (2 h_prev) > 1)
+            if x0_prev is None or t_next < 0 or (lower_order_final and h > 2.0 * h_prev):
+                d = x0_hat
+            else:
+                d = multistep_x0(x0_hat, x0_prev, h, h_prev)
+            x = dpm_solver_pp_update(x, d, alpha_bar_s, alpha_bar_t)
+            x0_prev, h_prev = x0_hat, h
+            if return_trajectory:
+                frames.append(x.cpu())
+                times.append(t_next + 1)
+    finally:
+        if was_training:
+            model.train()
+    if return_trajectory:
+        return x, Trajectory(torch.stack(frames), times)
+    return x
