@@ -62,7 +62,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a command; returns its exit status. Lesson: 00_setup."""
     args = make_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # a damaged checkpoint or weights file: one clear line, no traceback
+        from .checkpoint import DamagedCheckpoint
+        if not isinstance(e, DamagedCheckpoint):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ trains. A run folder holds:
 Tensors are grouped by a prefix: ``model/<name>``, ``ema/<name>``, ``optimizer/state/<i>/<name>``,
 ``rng/<rank>/<stream>`` and ``state/<name>``. This module knows nothing about models; it turns named
 groups of tensors plus JSON into files and back (:mod:`diffusion_course.training` decides what goes in).
+
+A checkpoint that cannot be read back (cut short by an interrupted copy, overwritten by another file, its
+JSON metadata missing or garbled) raises :class:`DamagedCheckpoint`, a ``ValueError`` whose message names
+the file, says what is wrong with it and what to do; the command line prints it as a plain error.
 """
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ from typing import Any, Callable, Dict, Iterable, List, Tuple, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 FORMAT = "diffusion_course.checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.json"
+META_KEY = "diffusion_course"  # the safetensors metadata entry that holds the JSON header
+REQUIRED_META = ("config", "trainer_state")  # what every trainer of the package writes (and its loaders read)
 PathLike = Union[str, os.PathLike]
 
 
@@ -42,6 +48,12 @@ def _file_mode() -> int:
 
 FILE_MODE = _file_mode()  # what open() would give a new file (some writers create theirs private)
 Groups = Dict[str, Dict[str, torch.Tensor]]
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is there but cannot be read back: truncated, not a safetensors file, or
+    without (or with garbled) JSON metadata. The message names the file, what is wrong and what to do.
+    Lesson: 04_unet."""
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
@@ -127,7 +139,7 @@ def save_checkpoint(folder: PathLike, groups: Groups, meta: Dict[str, Any]) -> P
             for prefix, group in groups.items() for name, t in group.items()}
     header = {"format": FORMAT, **meta}
     path = folder / CHECKPOINT_FILE
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"diffusion_course": json.dumps(header)}))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={META_KEY: json.dumps(header)}))
     # the JSON copies come after the checkpoint, which alone is read back
     if "config" in meta:
         write_json(folder / CONFIG_FILE, meta["config"])
@@ -153,33 +165,108 @@ def checkpoint_path(folder: PathLike) -> Path:
     return path
 
 
+CHECKPOINT_ADVICE = (f"It cannot be resumed or loaded. If you keep an earlier copy of this run folder (or copied "
+                     f"it from elsewhere), put that copy's {CHECKPOINT_FILE} in its place; otherwise start the run "
+                     f"again (into a new --out folder, or delete this one first).")
+WEIGHTS_ADVICE = ("Export it again from its run folder (`python -m diffusion_course export`), or reinstall "
+                  "diffusion_course if it is one of the models the package ships.")
+
+
+def _damaged(path: Path, problem: str, what: str = "checkpoint", advice: str = CHECKPOINT_ADVICE) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"{path} is not a readable {what}: {problem}. {advice}")
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """What is wrong with a safetensors file that did not open, in words: safetensors starts with an 8-byte
+    header length n, then n bytes of JSON naming each tensor's byte range, then the tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if head.startswith(b"version http"):
+            return "it is a Git LFS pointer, not the file itself (fetch the real file with `git lfs pull`)"
+        if len(head) < 9:
+            return f"it is {size} bytes long, too short for even a header, so it was cut short (truncated)"
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] != b"{":
+            return "it is not a safetensors file at all (its first bytes are not a safetensors header)"
+        if 8 + n > size:
+            return f"it ends inside its header ({size} bytes, the header alone needs {8 + n}): it was truncated"
+        try:
+            f.seek(8)
+            header = json.loads(f.read(n))
+            need = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                               default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header (the list of tensors) is garbled"
+    if size < need:
+        return f"it holds {size} of the {need} bytes its header lists, so it was truncated"
+    return f"safetensors cannot read it ({type(error).__name__}: {error})"
+
+
+def _read_meta(path: Path, f: Any) -> Dict[str, Any]:
+    """The JSON header of an open checkpoint ``f``, checked: ours, and holding :data:`REQUIRED_META`."""
+    text = (f.metadata() or {}).get(META_KEY)
+    if text is None:
+        raise _damaged(path, f"its JSON metadata (the run's configurations and trainer state, under "
+                             f"{META_KEY!r}) is missing, so it was not written by diffusion_course or was stripped")
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        raise _damaged(path, f"its JSON metadata is garbled ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise _damaged(path, f"its metadata is not of the format {FORMAT!r} (found {found!r}), so it was not "
+                             f"written by this version of diffusion_course")
+    missing = [k for k in REQUIRED_META if k not in header]
+    if missing:
+        raise _damaged(path, f"its JSON metadata lacks {', '.join(missing)}")
+    return header
+
+
+def read_tensors(path: PathLike, what: str = "weights file", advice: str = WEIGHTS_ADVICE) -> Dict[str, torch.Tensor]:
+    """Every tensor of a plain safetensors file (such as a shipped model's ``model.safetensors``), on the CPU.
+    A damaged file raises :class:`DamagedCheckpoint` naming it, what is wrong and ``advice``. Lesson: 04_unet."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} {str(path)!r}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a truncated or foreign file
+        raise _damaged(path, _diagnose(path, e), what, advice) from None
+
+
 def read_checkpoint(folder: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[Groups, Dict[str, Any]]:
     """Read ``folder/checkpoint.safetensors``: returns ``(groups, meta)`` as given to
-    :func:`save_checkpoint`, tensors on ``device``. Lesson: 04_unet."""
+    :func:`save_checkpoint`, tensors on ``device``. A file that is there but damaged (truncated, not a
+    safetensors file, its JSON metadata missing or garbled) raises :class:`DamagedCheckpoint`. Lesson: 04_unet."""
     path = checkpoint_path(folder)
     groups: Groups = {}
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            header = json.loads((f.metadata() or {}).get("diffusion_course", "{}"))
-            for key in f.keys():
-                prefix, name = key.split("/", 1)
-                groups.setdefault(prefix, {})[name] = f.get_tensor(key)
+        f = safe_open(str(path), framework="pt", device=str(device))
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if header.pop("format", None) != FORMAT:
-        raise ValueError(f"{path} was not written by diffusion_course (expected format {FORMAT!r})")
+        raise _damaged(path, _diagnose(path, e)) from None
+    with f:
+        header = _read_meta(path, f)
+        try:
+            for key in f.keys():
+                prefix, name = key.split("/", 1) if "/" in key else ("", key)
+                groups.setdefault(prefix, {})[name] = f.get_tensor(key)
+        except Exception as e:  # e.g. a tensor whose bytes went missing after the file was opened
+            raise _damaged(path, f"a tensor cannot be read ({type(e).__name__}: {e})") from None
+    header.pop("format")
     return groups, header
 
 
 def read_config(folder: PathLike) -> Dict[str, Any]:
     """The configurations stored in a checkpoint (``{"train": {...}, "unet": {...}}``), without reading
-    its tensors. Lesson: 04_unet."""
+    its tensors; :class:`DamagedCheckpoint` as for :func:`read_checkpoint`. Lesson: 04_unet."""
     path = checkpoint_path(folder)
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("diffusion_course", "{}"))
-    if header.get("format") != FORMAT or "config" not in header:
-        raise ValueError(f"{path} was not written by diffusion_course (expected format {FORMAT!r})")
-    return header["config"]
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # a truncated or foreign file
+        raise _damaged(path, _diagnose(path, e)) from None
+    with f:
+        return _read_meta(path, f)["config"]
 
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any], ignore: Iterable[str] = (),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from .autoencoder import Autoencoder, AutoencoderConfig
@@ -72,13 +72,17 @@ def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torc
     folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / "config.json").is_file():
         raise ValueError(f"no shipped {kind} model {str(name)!r}; available: {', '.join(available(kind)) or 'none'}")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ckpt.DamagedCheckpoint(f"{folder / 'config.json'} is not valid JSON ({e}); restore the folder "
+                                     f"from the repository or export the model again") from None
     if _kind_of(config) != kind:
         hint = {"ldm": " (a latent diffusion model: load it with diffusion_course.ldm.load_latent_diffusion)",
                 "sr": " (a super-resolution model: load it with diffusion_course.stablesr.load_sr)"
                 }.get(_kind_of(config), "")
         raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}{hint}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.read_tensors(folder / WEIGHTS_FILE).items()}
     command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
     return state, {**config, "command": command}
 
