@@ -23,6 +23,7 @@ from .schedules import Schedule, make_betas
 
 Model = Callable[..., torch.Tensor]
 SIGMA_CHOICES = ("beta", "beta_tilde")
+SPACINGS = ("linspace", "leading", "trailing")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +84,43 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
     return torch.where(x < -1 + half_bin, log_cdf_plus,
                        torch.where(x > 1 - half_bin, log_one_minus_cdf_minus, log_delta))
+
+
+def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
+    """``steps`` distinct array indices in ``[0, T - 1]``, in decreasing order: the levels a sampler with
+    ``steps`` network calls visits before its last step to abar = 1 (x_0).
+
+    * ``"linspace"``: ``round(linspace(0, T - 1, steps))``, evenly spread with both ends included (T - 1 first,
+      0 last), exactly :meth:`GaussianDiffusion.ddim_timesteps`'s default. (With ``steps = 1`` that is ``[0]``.)
+    * ``"leading"``: the DDIM paper's uniform skip, ``i * (T // steps)`` for ``i = 0 .. steps - 1``, shifted up
+      by one as Stable Diffusion does (``steps_offset = 1`` in its scheduler configuration): for T = 1000 and
+      50 steps, 981, 961, ..., 21, 1. When ``steps = T`` the shift would leave the table (index T), so there it
+      is 0 and the grid is every index. Its first level lies below T - 1, so sampling starts from a level with
+      a little signal left while x_T is pure noise.
+    * ``"trailing"``: from T - 1 down in strides of T / steps, ``round(T - i * T / steps) - 1`` (numpy's round,
+      halves to even): for T = 1000 and 50 steps, 999, 979, ..., 19. It starts at the noisiest level and
+      does not reach index 0.
+
+    Lesson: 03_training_and_sampling.
+    """
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"T must be a positive integer (the number of diffusion steps), got {T!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not (1 <= steps <= T):
+        raise ValueError(f"steps must be an integer with 1 <= steps <= T = {T}, got {steps!r}")
+    T, steps = int(T), int(steps)
+    if spacing == "linspace":
+        idx = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1]
+    elif spacing == "leading":
+        ratio = T // steps
+        offset = 1 if (steps - 1) * ratio + 1 <= T - 1 else 0
+        idx = (np.arange(steps, dtype=np.int64) * ratio + offset)[::-1]
+    elif spacing == "trailing":
+        idx = np.round(T - np.arange(steps, dtype=np.float64) * (T / steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    out = [int(i) for i in idx]
+    assert len(set(out)) == steps and out == sorted(out, reverse=True) and 0 <= out[-1] and out[0] <= T - 1
+    return out
 
 
 class Trajectory(NamedTuple):
@@ -400,15 +438,14 @@ class GaussianDiffusion:
         return x
 
     # -- DDIM (beyond the lecture; lesson 03) -------------------------------------------------------
-    def ddim_timesteps(self, steps: int) -> List[int]:
-        """``steps`` array indices spread evenly over 0..T-1, in decreasing order (T-1 first, 0 last).
-
-        Lesson: 03_training_and_sampling.
+    def ddim_timesteps(self, steps: int, spacing: str = "linspace") -> List[int]:
+        """``steps`` array indices in decreasing order, the levels DDIM visits: by default spread evenly over
+        0..T-1 (T-1 first, 0 last); ``spacing="leading"`` or ``"trailing"`` gives the grids of the DDIM code and
+        Stable Diffusion (see :func:`timesteps`). Lesson: 03_training_and_sampling.
         """
-        if not isinstance(steps, int) or not (1 <= steps <= self.T):
+        if isinstance(steps, bool) or not isinstance(steps, int) or not (1 <= steps <= self.T):
             raise ValueError(f"DDIM needs 1 <= steps <= T = {self.T}, got {steps!r}")
-        idx = np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(int))
-        return [int(i) for i in idx[::-1]]
+        return timesteps(self.T, steps, spacing)
 
     @torch.no_grad()
     def ddim_step(self, model: Model, xt: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
@@ -446,14 +483,15 @@ class GaussianDiffusion:
                     clip_x0: Optional[bool] = None, return_trajectory: bool = False,
                     x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                     device: Optional[Union[str, torch.device]] = None, progress: bool = True,
-                    model_kwargs: Optional[Dict[str, Any]] = None
+                    model_kwargs: Optional[Dict[str, Any]] = None, spacing: str = "linspace"
                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
-        """DDIM sampling with ``steps`` network calls (eta = 0: deterministic). Lesson: 03_training_and_sampling."""
+        """DDIM sampling with ``steps`` network calls (eta = 0: deterministic) on the grid ``spacing`` (see
+        :meth:`ddim_timesteps`). Lesson: 03_training_and_sampling."""
         was_training = isinstance(model, torch.nn.Module) and model.training
         if isinstance(model, torch.nn.Module):
             model.eval()
         x = self._start(model, shape, x_T, generator, device)
-        seq = self.ddim_timesteps(steps)
+        seq = self.ddim_timesteps(steps, spacing)
         frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
         for k, t in enumerate(tqdm(seq, desc=f"DDIM sampling ({steps} steps)", disable=not progress, leave=False)):
             t_prev = seq[k + 1] if k + 1 < len(seq) else -1

@@ -46,58 +46,16 @@ computed in float64 and applied to tensors of any dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .ddpm import GaussianDiffusion, Model, Trajectory
+from .ddpm import SPACINGS, GaussianDiffusion, Model, Trajectory, timesteps
 
-SPACINGS = ("linspace", "leading", "trailing")
-
-
-# ----------------------------------------------------------------------------------------------
-# Which levels a few-step sampler visits
-# ----------------------------------------------------------------------------------------------
-
-def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
-    """``steps`` distinct array indices in ``[0, T - 1]``, in decreasing order: the levels a sampler with
-    ``steps`` network calls visits before its last step to abar = 1 (x_0).
-
-    * ``"linspace"``: ``round(linspace(0, T - 1, steps))``, evenly spread with both ends included (T - 1 first,
-      0 last), exactly :meth:`GaussianDiffusion.ddim_timesteps`. (With ``steps = 1`` that is ``[0]``.)
-    * ``"leading"``: the DDIM paper's uniform skip, ``i * (T // steps)`` for ``i = 0 .. steps - 1``, shifted up
-      by one as Stable Diffusion does (``steps_offset = 1`` in its scheduler configuration): for T = 1000 and
-      50 steps, 981, 961, ..., 21, 1. When ``steps = T`` the shift would leave the table (index T), so there it
-      is 0 and the grid is every index. Its first level lies below T - 1, so sampling starts from a level with
-      a little signal left while x_T is pure noise.
-    * ``"trailing"``: from T - 1 down in strides of T / steps, ``round(T - i * T / steps) - 1`` (numpy's round,
-      halves to even): for T = 1000 and 50 steps, 999, 979, ..., 19. It starts at the noisiest level and
-      does not reach index 0.
-
-    Lesson: 03_training_and_sampling.
-    """
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"T must be a positive integer (the number of diffusion steps), got {T!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not (1 <= steps <= T):
-        raise ValueError(f"steps must be an integer with 1 <= steps <= T = {T}, got {steps!r}")
-    T, steps = int(T), int(steps)
-    if spacing == "linspace":
-        idx = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1]
-    elif spacing == "leading":
-        ratio = T // steps
-        offset = 1 if (steps - 1) * ratio + 1 <= T - 1 else 0
-        idx = (np.arange(steps, dtype=np.int64) * ratio + offset)[::-1]
-    elif spacing == "trailing":
-        idx = np.round(T - np.arange(steps, dtype=np.float64) * (T / steps)).astype(np.int64) - 1
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
-    out = [int(i) for i in idx]
-    assert len(set(out)) == steps and out == sorted(out, reverse=True) and 0 <= out[-1] and out[0] <= T - 1
-    return out
-
+__all__ = ["SPACINGS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "multistep_x0",
+           "dpm_solver_pp_2m_sample"]  # the grids live in ddpm (DDIM uses them too) and are offered here as well
 
 # ----------------------------------------------------------------------------------------------
 # The pieces of one step

@@ -336,3 +336,16 @@ def test_sampler_rejects_bad_arguments():
         solvers.dpm_solver_pp_2m_sample(diffusion, eps, (2, 2), x_T=torch.zeros(3, 2))
     with pytest.raises(TypeError, match="must be a GaussianDiffusion"):
         solvers.dpm_solver_pp_2m_sample(eps, diffusion, (2, 2))
+
+
+def test_ddim_samples_on_every_spacing():
+    """DDIM takes the same grids as the solver: its first step from x_T lands on the grid's second level."""
+    d = ddpm.GaussianDiffusion("linear", T=100)
+    for spacing in ("linspace", "leading", "trailing"):
+        assert d.ddim_timesteps(10, spacing) == solvers.timesteps(100, 10, spacing)
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    lead = d.ddim_sample(lambda x, t: 0.1 * x, (3, 2), steps=10, x_T=x_T, progress=False, spacing="leading")
+    trail = d.ddim_sample(lambda x, t: 0.1 * x, (3, 2), steps=10, x_T=x_T, progress=False, spacing="trailing")
+    assert lead.shape == trail.shape == (3, 2) and not torch.allclose(lead, trail)
+    with pytest.raises(ValueError, match="unknown spacing"):
+        d.ddim_timesteps(10, "uniform")
