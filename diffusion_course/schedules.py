@@ -89,7 +89,8 @@ def sqrt_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: floa
 
 
 def cosine_alpha_bar(t: torch.Tensor, T: int, s: float = 0.008) -> torch.Tensor:
-    """Nichol & Dhariwal's abar(t) = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2).
+    """Nichol & Dhariwal's abar(t) = g(t) / g(0), g(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2) (they write f; the
+    course keeps f for the downsampling factor).
 
     ``t`` is continuous in ``[0, T]`` (lecture time; abar(0) = 1). Lesson: 01_forward_process.
     """

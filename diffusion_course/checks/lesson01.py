@@ -30,7 +30,7 @@ def check_cosine_betas(fn: Callable) -> Callable:
     """Exercise 1.2: the cosine schedule. Lesson: 01_forward_process."""
     cases = [Case({"T": T, "s": s, "max_beta": 0.999}, f"T={T}, s={s}") for T, s in ((1000, 0.008), (50, 0.008), (200, 0.02))]
     return run_check("1.2", fn, ref_cosine_betas, cases,
-                     "f(t) = cos(((t/T + s)/(1 + s)) * pi/2) ** 2, abar(t) = f(t)/f(0), beta_t = 1 - abar(t)/abar(t-1) "
+                     "g(t) = cos(((t/T + s)/(1 + s)) * pi/2) ** 2, abar(t) = g(t)/g(0), beta_t = 1 - abar(t)/abar(t-1) "
                      "for t = 1..T (torch.arange(1, T + 1)), then clamp at max_beta. Work in float64.")
 
 
