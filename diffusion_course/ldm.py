@@ -46,6 +46,7 @@ from .ddpm import GaussianDiffusion
 from .guidance import ClassifierFreeGuidance
 from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
 from .pretrained import asset_sha256, read_asset
+from .solvers import sample_with
 from .utils import get_device
 
 SPATIAL = ("none", "inpaint", "semantic")
@@ -307,10 +308,10 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, guidance_scale: float = 1.0, concat: Optional[torch.Tensor] = None,
-               sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+               sampler: str = "ddim", steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
                x_T: Optional[torch.Tensor] = None, decode: bool = True, progress: bool = False) -> torch.Tensor:
         """``n`` samples: images ``(n, C, H, W)`` in [-1, 1] on the CPU (or the latents ``(n, c, h, w)`` with
-        ``decode=False``), by DDIM (``steps`` calls) or DDPM (all T), with classifier-free guidance of scale
+        ``decode=False``), by DDIM or DPM-Solver++ 2M (``steps`` calls, default 50 and 20) or DDPM (all T), with classifier-free guidance of scale
         ``guidance_scale`` for a conditional model (0: the unconditional model, i.e. the empty condition).
         ``concat`` is the spatial condition (see :meth:`spatial_input`); an inpainting model without it samples
         with nothing known (the whole image generated). Lesson: 08_latent_diffusion."""
@@ -323,14 +324,8 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"this model needs its {self.spatial} condition: pass concat=model.spatial_input(...)")
         g = torch.Generator().manual_seed(seed)
         shape = (n,) + self.latent_shape
-        if sampler == "ddim":
-            z = self.diffusion.ddim_sample(model, shape, steps=steps, eta=eta, generator=g, device=self.device,
-                                           progress=progress, model_kwargs=kwargs, x_T=x_T)
-        elif sampler == "ddpm":
-            z = self.diffusion.sample(model, shape, generator=g, device=self.device, progress=progress,
-                                      model_kwargs=kwargs, x_T=x_T)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; valid: ddim, ddpm")
+        z = sample_with(self.diffusion, model, shape, sampler, None if sampler == "ddpm" else steps, eta,
+                        generator=g, device=self.device, progress=progress, model_kwargs=kwargs, x_T=x_T)
         if not decode:
             return z.float().cpu()
         return self.decode(z).clamp(-1.0, 1.0).float().cpu()

@@ -54,8 +54,8 @@ from tqdm.auto import tqdm
 
 from .ddpm import SPACINGS, GaussianDiffusion, Model, Trajectory, timesteps
 
-__all__ = ["SPACINGS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "multistep_x0",
-           "dpm_solver_pp_2m_sample"]  # the grids live in ddpm (DDIM uses them too) and are offered here as well
+__all__ = ["SPACINGS", "SAMPLERS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "multistep_x0",
+           "dpm_solver_pp_2m_sample", "sample_with"]  # the grids live in ddpm (DDIM uses them too) and are offered here as well
 
 # ----------------------------------------------------------------------------------------------
 # The pieces of one step
@@ -184,3 +184,37 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
     if return_trajectory:
         return x, Trajectory(torch.stack(frames), times)
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point for every sampler of the course
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
+DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
+
+
+def sample_with(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int], sampler: str = "ddim",
+                steps: Optional[int] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                device: Optional[Union[str, torch.device]] = None, progress: bool = False,
+                model_kwargs: Optional[Dict[str, Any]] = None, x_T: Optional[torch.Tensor] = None,
+                spacing: str = "linspace") -> torch.Tensor:
+    """Samples ``shape`` with the sampler named ``sampler``: ``"ddim"`` (``steps`` calls, default 50, with
+    ``eta``), ``"ddpm"`` (Algorithm 2, all T steps: ``steps`` must be None or T) or ``"dpmpp2m"`` (DPM-Solver++
+    2M, ``steps`` calls, default 20, deterministic). The trainer's sample grids, ``sample_images``, latent
+    diffusion and ``python -m diffusion_course sample --sampler`` all sample through here. Lesson:
+    03_training_and_sampling."""
+    common = dict(generator=generator, device=device, progress=progress, model_kwargs=model_kwargs, x_T=x_T)
+    if sampler == "ddim":
+        return diffusion.ddim_sample(model, shape, steps=steps or DEFAULT_STEPS["ddim"], eta=eta, spacing=spacing,
+                                     **common)
+    if sampler == "ddpm":
+        if steps not in (None, diffusion.T):
+            raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use 'ddim' or 'dpmpp2m' for {steps}")
+        return diffusion.sample(model, shape, **common)
+    if sampler == "dpmpp2m":
+        if eta:
+            raise ValueError(f"DPM-Solver++ 2M solves the deterministic ODE: eta must be 0, got {eta}")
+        return dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps or DEFAULT_STEPS["dpmpp2m"],
+                                       spacing=spacing, **common)
+    raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")

@@ -52,7 +52,7 @@ TRAIN_HELP = {
     "sample_every": "write a sample grid every this many steps (0: only at the end)",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "n_samples": "images in each sample grid",
-    "sampler": "sampler of the grids: ddim or ddpm",
+    "sampler": "sampler of the grids: ddim, ddpm or dpmpp2m",
     "sample_steps": "DDIM steps of the grids",
     "out": "run folder for checkpoints and sample grids (with --resume: defaults to the resumed folder)",
     "amp": "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off",
@@ -107,7 +107,7 @@ def _add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("sample", help="write a PNG grid of samples from a trained run")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run folder written by `train`")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (few steps) or ddpm (all T steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (few steps, default 50), ddpm (all T steps) or dpmpp2m (DPM-Solver++ 2M, default 20)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50); DDPM always takes T")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
@@ -199,8 +199,8 @@ def _sample(args: argparse.Namespace) -> int:
                 raise ValueError(f"this latent model needs its {model.spatial} condition, which the command line does "
                                  f"not take; use LatentDiffusion.sample(concat=...) or .inpaint(...) in Python")
             if args.sampler == "ddpm" and args.steps not in (None, diffusion.T):
-                raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use the DDIM sampler for {args.steps}")
-            images = model.sample(args.n, cond, args.guidance_scale, sampler=args.sampler, steps=args.steps or 50,
+                raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use ddim or dpmpp2m for {args.steps}")
+            images = model.sample(args.n, cond, args.guidance_scale, sampler=args.sampler, steps=args.steps,
                                   eta=args.eta, seed=args.seed)
         else:
             images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,

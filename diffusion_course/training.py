@@ -63,11 +63,11 @@ from .ldm import (SPATIAL, LatentDiffusion, box_keep_masks, encode_images, inpai
 from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
 from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
+from .solvers import SAMPLERS, sample_with
 from .utils import dataclass_from_dict, get_device
 from .viz import make_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-SAMPLERS = ("ddim", "ddpm")
 # settings a resumed run may change, because they do not change what the model learns
 RESUMABLE = ("steps", "sample_every", "checkpoint_every", "n_samples", "sampler", "sample_steps", "out", "amp",
              "device", "progress", "guidance_scale")
@@ -265,7 +265,7 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
                   cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                   x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
-    default 50) or DDPM's Algorithm 2 (all T steps), with the noise drawn from a generator seeded by ``seed``
+    default 50), DDPM's Algorithm 2 (all T steps) or DPM-Solver++ 2M (``"dpmpp2m"``, default 20), with the noise drawn from a generator seeded by ``seed``
     (or starting from ``x_T``).
 
     A conditional model (:class:`~diffusion_course.nn.ConditionalDenoiser`) takes ``cond``, one condition per
@@ -283,16 +283,8 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
         model, kwargs = ClassifierFreeGuidance(model, guidance_scale), {"cond": cond.to(device)}
     elif getattr(model, "conditioner", None) is not None:
         raise ValueError("this model is conditional: pass cond=... (one condition per image)")
-    if sampler == "ddim":
-        x = diffusion.ddim_sample(model, shape, steps=steps or 50, eta=eta, generator=g, device=device,
-                                  progress=progress, model_kwargs=kwargs, x_T=x_T)
-    elif sampler == "ddpm":
-        if steps not in (None, diffusion.T):
-            raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use the DDIM sampler for {steps}")
-        x = diffusion.sample(model, shape, generator=g, device=device, progress=progress, model_kwargs=kwargs,
-                             x_T=x_T)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    x = sample_with(diffusion, model, shape, sampler, steps, eta, generator=g, device=device, progress=progress,
+                    model_kwargs=kwargs, x_T=x_T)
     return x.clamp(-1.0, 1.0).float().cpu()
 
 

@@ -349,3 +349,38 @@ def test_ddim_samples_on_every_spacing():
     assert lead.shape == trail.shape == (3, 2) and not torch.allclose(lead, trail)
     with pytest.raises(ValueError, match="unknown spacing"):
         d.ddim_timesteps(10, "uniform")
+
+
+def test_sample_with_dispatches_to_each_sampler():
+    d = ddpm.GaussianDiffusion("linear", T=50)
+    model = lambda x, t: 0.1 * x
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(5))
+    run = lambda name, **kw: solvers.sample_with(d, model, (3, 2), name, x_T=x_T, **kw)
+    assert torch.equal(run("ddim", steps=7), d.ddim_sample(model, (3, 2), steps=7, x_T=x_T, progress=False))
+    assert torch.equal(run("dpmpp2m", steps=7), solvers.dpm_solver_pp_2m_sample(d, model, (3, 2), steps=7, x_T=x_T))
+    assert torch.equal(run("dpmpp2m"), solvers.dpm_solver_pp_2m_sample(d, model, (3, 2), steps=20, x_T=x_T))
+    assert torch.equal(run("ddpm", generator=torch.Generator().manual_seed(1)),
+                       d.sample(model, (3, 2), x_T=x_T, generator=torch.Generator().manual_seed(1), progress=False))
+    with pytest.raises(ValueError, match="all T = 50 steps"):
+        run("ddpm", steps=10)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        run("dpmpp2m", eta=0.5)
+    with pytest.raises(ValueError, match="valid: ddim, ddpm, dpmpp2m"):
+        run("euler")
+
+
+def test_the_trainer_and_the_cli_sample_with_dpm_solver(tmp_path):
+    from diffusion_course.__main__ import main
+    from diffusion_course.nn import UNetConfig
+    from diffusion_course.training import TrainConfig, Trainer, sample_images
+
+    unet = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1,),
+                      num_res_blocks=1, attention_resolutions=(), norm_groups=4)
+    trainer = Trainer(TrainConfig(dataset="digits", image_size=8, steps=2, batch_size=4, T=20, sampler="dpmpp2m",
+                                  sample_steps=4, out=str(tmp_path / "run"), progress=False), unet)
+    trainer.train()
+    images = sample_images(trainer.ema, trainer.diffusion, 3, "dpmpp2m", steps=4, progress=False)
+    assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"),
+                 "--sampler", "dpmpp2m", "--steps", "4", "--n", "4"]) == 0
+    assert (tmp_path / "g.png").is_file()
