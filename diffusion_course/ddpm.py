@@ -91,7 +91,8 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
     ``steps`` network calls visits before its last step to abar = 1 (x_0).
 
     * ``"linspace"``: ``round(linspace(0, T - 1, steps))``, evenly spread with both ends included (T - 1 first,
-      0 last), exactly :meth:`GaussianDiffusion.ddim_timesteps`'s default. (With ``steps = 1`` that is ``[0]``.)
+      0 last), exactly :meth:`GaussianDiffusion.ddim_timesteps`'s default. (With ``steps = 1``, ``[T - 1]``: the
+      one step starts from x_T's level.)
     * ``"leading"``: the DDIM paper's uniform skip, ``i * (T // steps)`` for ``i = 0 .. steps - 1``, shifted up
       by one as Stable Diffusion does (``steps_offset = 1`` in its scheduler configuration): for T = 1000 and
       50 steps, 981, 961, ..., 21, 1. When ``steps = T`` the shift would leave the table (index T), so there it
@@ -109,7 +110,8 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
         raise ValueError(f"steps must be an integer with 1 <= steps <= T = {T}, got {steps!r}")
     T, steps = int(T), int(steps)
     if spacing == "linspace":
-        idx = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1]
+        # one step starts where x_T is: at the noisiest level T - 1 (linspace alone would give index 0)
+        idx = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)[::-1] if steps > 1 else np.array([T - 1])
     elif spacing == "leading":
         ratio = T // steps
         offset = 1 if (steps - 1) * ratio + 1 <= T - 1 else 0

@@ -384,3 +384,16 @@ def test_the_trainer_and_the_cli_sample_with_dpm_solver(tmp_path):
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"),
                  "--sampler", "dpmpp2m", "--steps", "4", "--n", "4"]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+def test_one_step_starts_at_the_noisiest_level():
+    """With one network call, every grid evaluates the model where x_T is (index T - 1 or near it), never at
+    index 0 on pure noise; the one DDIM step then returns its x_0 prediction from x_T."""
+    d = ddpm.GaussianDiffusion("linear", T=100)
+    assert d.ddim_timesteps(1) == solvers.timesteps(100, 1, "linspace") == [99]
+    seen = []
+    model = lambda x, t: seen.append(int(t[0])) or torch.zeros_like(x)
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out = d.ddim_sample(model, (2, 3), steps=1, x_T=x_T, progress=False)
+    assert seen == [99]
+    assert torch.allclose(out, x_T / d.sqrt_alpha_bar[99].float())  # x0_hat with eps = 0
