@@ -15,7 +15,7 @@ atomically; a resumed run ends with the same weights as an uninterrupted one (on
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -30,16 +30,19 @@ from .losses import AutoencoderLoss, PerceptualLoss
 from .pretrained import add_export_arguments, export_cli, load_autoencoder, write_asset
 
 __all__ = ["AETrainConfig", "AETrainer", "export_autoencoder", "load_autoencoder", "register_cli"]
-from .utils import dataclass_from_dict, get_device
+from .utils import ConfigDict, get_device
+
 
 HISTORY_KEYS = ("loss", "rec", "reg", "g", "d", "d_weight", "perplexity", "usage")
 
 
 @dataclass
-class AETrainConfig:
+class AETrainConfig(ConfigDict):
     """Every setting of an autoencoder run but the network's (that is :class:`AutoencoderConfig`).
     ``perceptual_weight = 0`` / ``disc_weight = 0`` leave those terms out; ``disc_start`` is the step at
     which the discriminator joins. ``out = None`` writes nothing. Lesson: 06_ldm_autoencoder."""
+
+    _what = "autoencoder training"
 
     dataset: str = "digits"
     image_size: int = 32
@@ -67,15 +70,6 @@ class AETrainConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.steps < 0 or self.checkpoint_every < 0 or self.disc_start < 0 or self.lr <= 0:
             raise ValueError("steps, checkpoint_every and disc_start must be >= 0 and lr > 0")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict. Lesson: 06_ldm_autoencoder."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "AETrainConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 06_ldm_autoencoder."""
-        return dataclass_from_dict(cls, d, "autoencoder training")
 
 
 RESUMABLE = ("steps", "checkpoint_every", "out", "device", "progress")  # may change when a run resumes
@@ -202,6 +196,7 @@ class AETrainer:
 # Shipping a trained autoencoder
 # ----------------------------------------------------------------------------------------------
 
+
 def export_autoencoder(run_dir: Union[str, Path], out_dir: Union[str, Path], command: str = "") -> Path:
     """Write a run's autoencoder weights (float32), its configuration, its latent scale factor (measured on
     the run's training data) and the commands that made it into ``out_dir``. Lesson: 06_ldm_autoencoder."""
@@ -220,6 +215,7 @@ def export_autoencoder(run_dir: Union[str, Path], out_dir: Union[str, Path], com
 # ----------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------
+
 
 def _train_cli(args: argparse.Namespace) -> int:
     if args.resume:

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .nn.attention import AttentionBlock
 from .nn.blocks import Downsample, ResidualBlock, Upsample, group_norm
-from .utils import dataclass_from_dict
 from .vae import LOGVAR_RANGE, LatentGeometry, kl_to_standard_normal
+
 
 REGULARIZERS = ("kl", "vq")
 
@@ -46,6 +46,8 @@ class AutoencoderConfig(LatentGeometry):
     is ``"kl"`` or ``"vq"``; ``n_embed`` is the VQ codebook size K and ``beta`` the commitment weight.
     Lesson: 06_ldm_autoencoder.
     """
+
+    _what = "autoencoder configuration"
 
     in_channels: int = 3
     image_size: int = 64
@@ -97,15 +99,11 @@ class AutoencoderConfig(LatentGeometry):
         h = self.image_size // self.downsampling_factor
         return (self.latent_channels, h, h)
 
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "AutoencoderConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 06_ldm_autoencoder."""
-        return dataclass_from_dict(cls, d, "autoencoder configuration")
-
 
 # ----------------------------------------------------------------------------------------------
 # The two regularisers: a diagonal Gaussian posterior, and a vector quantiser
 # ----------------------------------------------------------------------------------------------
+
 
 class DiagonalGaussian:
     """q_E(z|x) = N(mean, diag exp(logvar)) from the encoder's ``(B, 2c, h, w)`` output (mean first).
@@ -212,6 +210,7 @@ class VectorQuantizer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Encoder, decoder, the whole autoencoder
 # ----------------------------------------------------------------------------------------------
+
 
 def _middle(ch: int, c: AutoencoderConfig) -> nn.Sequential:
     attn = AttentionBlock(ch, num_heads=1, norm_groups=c.norm_groups) if c.attention else nn.Identity()

@@ -20,14 +20,15 @@ level is 2 / 255, about 0.008). JPEG quality is the usual 1 (worst) to 100 (best
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import kornia
 import torch
 import torch.nn.functional as F
 
-from .utils import dataclass_from_dict
+from .utils import ConfigDict
+
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 STAGE_NAMES = ("high resolution", "blur 1", "resize 1", "noise 1", "JPEG 1",
@@ -36,7 +37,7 @@ JPEG_BLOCK = 16  # the codec works on 16 x 16 macro-blocks (8 x 8 blocks, chroma
 
 
 @dataclass
-class DegradationConfig:
+class DegradationConfig(ConfigDict):
     """The ranges the degradation pipeline draws its per-sample parameters from.
 
     ``scale``: the low-resolution image is ``(H / scale, W / scale)``. ``blur_kernel``: odd kernel size.
@@ -46,6 +47,8 @@ class DegradationConfig:
     the JPEG quality, within [1, 100]. ``second_order``: probability that a sample goes through stage 2.
     Ranges are ``(low, high)`` pairs; lists are accepted and become tuples. Lesson: 09_stablesr.
     """
+
+    _what = "degradation configuration"
 
     scale: int = 4
     blur_kernel: int = 7
@@ -73,15 +76,6 @@ class DegradationConfig:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"DegradationConfig.second_order is a probability and must lie in [0, 1], got {p!r}")
         self.second_order = float(p)
-
-    def to_dict(self) -> Dict[str, object]:
-        """A JSON-friendly dict of the fields. Lesson: 09_stablesr."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "DegradationConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 09_stablesr."""
-        return dataclass_from_dict(cls, d, "degradation configuration")
 
 
 def _check_range(name: str, value: Sequence[float], minimum: float, maximum: float = math.inf,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -32,20 +32,23 @@ from .degradations import DegradationConfig, degrade, upsample
 from .pretrained import add_export_arguments, export_cli, write_asset
 from .stablesr import KINDS, SRDiffusion, build_sr, load_trainable, sr_config
 from .training import AMP_CHOICES, ema_decay_at, save_grid, select_amp, stream_seed, train_loop
-from .utils import dataclass_from_dict, get_device
+from .utils import ConfigDict, get_device
+
 
 RESUMABLE = ("steps", "checkpoint_every", "sample_every", "n_samples", "sample_steps", "out", "device", "progress",
              "amp")  # may change when a run resumes
 
 
 @dataclass
-class SRTrainConfig:
+class SRTrainConfig(ConfigDict):
     """Every choice of a super-resolution run. ``prior`` names a shipped unconditional model (pixel DDPM or
     latent diffusion); the high-resolution size is the prior's. ``encoder_mult`` empty means the prior
     U-Net's ``channel_mult``. ``degradation`` holds :class:`~diffusion_course.degradations.DegradationConfig`
     fields (its ``scale`` is ``scale``). The default learning rate suits StableSR's small trained parts, whose
     zero-initialised SFT heads must grow from nothing; the SR3-style baseline trains a whole U-Net from scratch
     and was shipped with 2e-4. Lesson: 09_stablesr."""
+
+    _what = "super-resolution training configuration"
 
     kind: str = "stablesr"
     prior: str = "ddpm_photos32"
@@ -94,17 +97,6 @@ class SRTrainConfig:
     def degradation_config(self) -> DegradationConfig:
         """The degradation pipeline of this run. Lesson: 09_stablesr."""
         return DegradationConfig.from_dict({**self.degradation, "scale": self.scale})
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict. Lesson: 09_stablesr."""
-        d = asdict(self)
-        d["encoder_mult"] = list(self.encoder_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SRTrainConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 09_stablesr."""
-        return dataclass_from_dict(cls, d, "super-resolution training configuration")
 
 
 def hr_size(model: SRDiffusion) -> int:

@@ -41,7 +41,7 @@ import contextlib
 import copy
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -64,8 +64,9 @@ from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
 from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
 from .solvers import SAMPLERS, sample_with
-from .utils import dataclass_from_dict, get_device
+from .utils import ConfigDict, get_device
 from .viz import make_grid
+
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 # settings a resumed run may change, because they do not change what the model learns
@@ -74,7 +75,7 @@ RESUMABLE = ("steps", "sample_every", "checkpoint_every", "n_samples", "sampler"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Every setting of a training run but the network's (that is :class:`~diffusion_course.nn.UNetConfig`).
 
     ``batch_size`` is the global batch, split evenly over the processes of a multi-GPU run.
@@ -90,6 +91,8 @@ class TrainConfig:
     generates. ``clip_x0 = None`` means True in pixel space and False in latent space (clipping latents to
     [-1, 1] is an error). Lesson: 04_unet.
     """
+
+    _what = "training configuration"
 
     dataset: str = "digits"
     image_size: Optional[int] = None
@@ -161,19 +164,11 @@ class TrainConfig:
         if self.sample_steps > self.T:
             raise ValueError(f"sample_steps {self.sample_steps} exceeds T = {self.T}")
 
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict of every field. Lesson: 04_unet."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
-        return dataclass_from_dict(cls, d, "training configuration")
-
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ----------------------------------------------------------------------------------------------
+
 
 def select_amp(device: Union[str, torch.device], amp: str = "auto",
                bf16_supported: Optional[bool] = None) -> Optional[torch.dtype]:
@@ -291,6 +286,7 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+
 
 class Trainer:
     """Trains a U-Net eps_theta with L_simple (Algorithm 1) on ``config.dataset`` (or on ``data``, images

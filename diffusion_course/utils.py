@@ -11,7 +11,7 @@ import platform
 import random
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, Dict, Optional, Type, TypeVar
 
 import numpy as np
@@ -154,3 +154,28 @@ def dataclass_from_dict(cls: Type[T], d: Dict[str, Any], what: str) -> T:
     if extra:
         raise ValueError(f"unknown {what} keys: {sorted(extra)}")
     return cls(**d)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class ConfigDict:
+    """What every configuration dataclass of the course shares: ``to_dict``, a JSON-friendly dict of every
+    field (tuples as lists, as they come back from a checkpoint's JSON), and its inverse ``from_dict``, where a
+    key the class lacks is an error naming ``_what``. Lesson: 04_unet."""
+
+    _what = "configuration"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly dict of every field (tuples as lists). Lesson: 04_unet."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls: Type[T], d: Dict[str, Any]) -> T:
+        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
+        return dataclass_from_dict(cls, d, cls._what)

@@ -32,7 +32,7 @@ autoencoder of lesson 06).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -42,11 +42,13 @@ from tqdm.auto import tqdm
 
 from .data import random_batches
 from .nn.blocks import Downsample, ResidualBlock, Upsample, group_norm
+from .utils import ConfigDict
+
 
 LOGVAR_RANGE = (-30.0, 20.0)  # log sigma^2 is clamped here, so that exp() can neither overflow nor vanish
 
 
-class LatentGeometry:
+class LatentGeometry(ConfigDict):
     """What the VAE (lesson 05) and the LDM autoencoder (lesson 06) configurations share: levels set by
     ``channel_mult``, so f = 2 ** (levels - 1), and a ``latent_shape`` defined by each. Lesson: 05_vae."""
 
@@ -59,12 +61,6 @@ class LatentGeometry:
     def compression_ratio(self) -> float:
         """Numbers in an image x over numbers in its code z."""
         return self.in_channels * self.image_size ** 2 / math.prod(self.latent_shape)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict (tuples as lists). Lesson: 05_vae."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
 
 @dataclass
@@ -115,6 +111,7 @@ class VAEConfig(LatentGeometry):
 # ----------------------------------------------------------------------------------------------
 # The three formulas: reparameterisation, KL to N(0, I), the loss
 # ----------------------------------------------------------------------------------------------
+
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -174,6 +171,7 @@ def vae_loss(x: torch.Tensor, x_hat: torch.Tensor, mu: Optional[torch.Tensor], l
 # ----------------------------------------------------------------------------------------------
 # The networks E_phi and D_theta
 # ----------------------------------------------------------------------------------------------
+
 
 class Encoder(nn.Module):
     """E_phi: ``(B, C, H, W) -> (mu, logvar)``, each ``(B, *latent_shape)``. Lesson: 05_vae."""
@@ -317,6 +315,7 @@ class VAE(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
+
 
 def train_vae(model: VAE, images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3,
               kl_weight: Optional[float] = None, device: Optional[torch.device] = None,

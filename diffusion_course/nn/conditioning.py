@@ -16,13 +16,13 @@ condition of a random share of the batch, and samples with the unconditional pre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..utils import dataclass_from_dict
+from ..utils import ConfigDict
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 
@@ -218,13 +218,15 @@ KINDS = ("class", "text", "layout")
 
 
 @dataclass
-class ConditionerConfig:
+class ConditionerConfig(ConfigDict):
     """Which tau_theta to build and its sizes. ``kind`` is ``"class"`` (uses ``num_classes``), ``"text"``
     (``vocabulary``, ``max_length``, ``depth``, ``num_heads``) or ``"layout"`` (``num_classes``,
     ``max_objects``); ``context_dim`` is the token width d_tau, the U-Net's ``context_dim``.
 
     Lesson: 07_cross_attention.
     """
+
+    _what = "conditioner configuration"
 
     kind: str = "class"
     context_dim: int = 64
@@ -252,15 +254,6 @@ class ConditionerConfig:
                                  f"{self.context_dim}, got depth {self.depth}, num_heads {self.num_heads}")
         if self.kind == "layout" and self.max_objects < 1:
             raise ValueError(f"a layout conditioner needs max_objects >= 1, got {self.max_objects}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict. Lesson: 07_cross_attention."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "ConditionerConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 07_cross_attention."""
-        return dataclass_from_dict(cls, d, "conditioner configuration")
 
 
 def build_conditioner(config: ConditionerConfig) -> ConditionEncoder:

@@ -30,7 +30,7 @@ stay float32; the group norms of the converted part compute in float32 and hand 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,11 +41,11 @@ from .attention import AttentionBlock, attention_heads
 from .blocks import Downsample, ResidualBlock
 from .embedding import TimeEmbedding
 from .layers import check_levels, group_norm
-from ..utils import dataclass_from_dict
+from ..utils import ConfigDict
 
 
 @dataclass
-class TimeAwareEncoderConfig:
+class TimeAwareEncoderConfig(ConfigDict):
     """Every choice of the time-aware encoder. ``attention_resolutions`` lists down-sampling rates ds
     (1 = full size, 2 = half, ...), as for the U-Net. An attention layer over C channels has
     ``C // num_head_channels`` heads when ``num_head_channels > 0``, else ``num_heads``; every GroupNorm has
@@ -57,6 +57,8 @@ class TimeAwareEncoderConfig:
 
     Lesson: 09_stablesr.
     """
+
+    _what = "time-aware encoder configuration"
 
     image_size: int = 32
     in_channels: int = 3
@@ -106,17 +108,6 @@ class TimeAwareEncoderConfig:
     def downsampling_rates(self) -> List[int]:
         """The down-sampling rate ds of every level, ``[1, 2, 4, ...]``. Lesson: 09_stablesr."""
         return [2 ** level for level in range(len(self.channel_mult))]
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict (tuples as lists). Lesson: 09_stablesr."""
-        d = asdict(self)
-        d["channel_mult"], d["attention_resolutions"] = list(self.channel_mult), list(self.attention_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TimeAwareEncoderConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 09_stablesr."""
-        return dataclass_from_dict(cls, d, "time-aware encoder configuration")
 
 
 def capture_scales(path: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -22,8 +22,8 @@ lesson 04 (an AttentionBlock of self-attention), with the same parameter names.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,13 +33,13 @@ from .blocks import DownBlock, Downsample, ResidualBlock, UpBlock, Upsample
 from .embedding import TimeEmbedding
 from .layers import check_levels, group_norm, zero_module
 from .transformer import SpatialTransformer
-from ..utils import dataclass_from_dict
+from ..utils import ConfigDict
 
 StructCond = Dict[str, torch.Tensor]
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigDict):
     """Every choice of the U-Net. ``attention_resolutions`` lists down-sampling rates ds (1 = full size,
     2 = half, ...), as in the reference implementations. ``out_channels = 0`` means ``in_channels``.
 
@@ -51,6 +51,8 @@ class UNetConfig:
     SFT layer whose M_theta takes condition features of ``sft_channels`` channels through ``sft_hidden``
     channels. Configurations saved before these keys existed load with their defaults. Lesson: 04_unet.
     """
+
+    _what = "U-Net configuration"
 
     image_size: int = 32
     in_channels: int = 1
@@ -95,17 +97,6 @@ class UNetConfig:
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-friendly dict (tuples as lists). Lesson: 04_unet."""
-        d = asdict(self)
-        d["channel_mult"], d["attention_resolutions"] = list(self.channel_mult), list(self.attention_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "UNetConfig":
-        """The inverse of :meth:`to_dict`; unknown keys are an error. Lesson: 04_unet."""
-        return dataclass_from_dict(cls, d, "U-Net configuration")
 
 
 class UNet(nn.Module):
