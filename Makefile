@@ -11,7 +11,7 @@ LAB_ARGS ?=
 # it gets the flag only when the effective user id is 0, so a normal user's command stays as it was
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: install lab test build clean
+.PHONY: install lab test build clean site site-publish test-browser
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,32 @@ build: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The course's website (docs/building.md says more). `make site` builds it offline into build/site from the
+# lessons executed in the quick mode, fails on any warning and then checks every link; `make site-publish`
+# builds what GitHub Pages shows, from the lessons executed in PUBLISH_MODE (default, or gpu on a GPU
+# machine). Executed lessons are kept in build/jupyter-cache, so a rebuild executes only what changed.
+SITE_DIR ?= build/site
+PUBLISH_MODE ?= default
+SITE_BUILD = $(BIN)/python -m sphinx -W --keep-going -b html -d build/site-doctrees/$(1) docs $(SITE_DIR)
+
+site: install
+	DIFFUSION_COURSE_MODE=quick $(call SITE_BUILD,quick)
+	$(BIN)/python docs/check_site.py $(SITE_DIR)
+
+site-publish: install
+	DIFFUSION_COURSE_MODE=$(PUBLISH_MODE) $(call SITE_BUILD,$(PUBLISH_MODE))
+	$(BIN)/python docs/check_site.py $(SITE_DIR)
+
+# The lessons with widgets, run in headless Chromium through JupyterLab (tests/browser/). Chromium comes from
+# the system's packages (Playwright is told where it is and downloads no browser); screenshots go to
+# build/browser/.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+
+test-browser: install
+	@test -n "$(CHROMIUM)" || { echo "make test-browser needs Chromium, which is not installed."; \
+	  echo "  Debian and Ubuntu: sudo apt-get install -y chromium   (chromium-browser on older Ubuntu)"; \
+	  echo "  elsewhere: install Chromium or Chrome and run  make test-browser CHROMIUM=/path/to/the/binary"; \
+	  exit 1; }
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,browser]"
+	COURSE_BROWSER_TEST=1 CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest -v --durations=0 tests/browser

@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .autoencoder import REGULARIZERS, Autoencoder, AutoencoderConfig, latent_scale_factor
+from .autoencoder import REGULARIZERS, AEOutput, Autoencoder, AutoencoderConfig, latent_scale_factor
 from .data import check_dataset_name, get_dataset, random_batches
 from .losses import AutoencoderLoss, PerceptualLoss
 from .pretrained import add_export_arguments, export_cli, load_autoencoder, write_asset
@@ -75,14 +75,27 @@ class AETrainConfig(ConfigDict):
 RESUMABLE = ("steps", "checkpoint_every", "out", "device", "progress")  # may change when a run resumes
 
 
+AELossFn = Callable[[AutoencoderLoss, torch.Tensor, AEOutput, int, torch.Tensor, str],
+                    Tuple[torch.Tensor, Dict[str, float]]]
+LOG_KEYS = ("rec", "reg", "g", "d_weight")  # what an autoencoder loss function must log
+
+
 class AETrainer:
     """Trains an :class:`Autoencoder` with :class:`AutoencoderLoss` on ``config.dataset`` (or on ``data``,
     images ``(N, C, S, S)`` in [-1, 1]). ``perceptual`` is the PerceptualLoss to use (default: built when
-    ``perceptual_weight > 0``). Lesson: 06_ldm_autoencoder."""
+    ``perceptual_weight > 0``). ``autoencoder_loss_fn`` replaces the loss that E and D minimise: it is called
+    like ``AutoencoderLoss.autoencoder_loss`` with the loss module first, ``fn(self.loss, x, out, step,
+    last_layer, regularizer)``, and returns ``(loss, logs)`` with the logs ``rec``, ``reg``, ``g`` and
+    ``d_weight`` (lesson 06 passes the learner's own function here). Lesson: 06_ldm_autoencoder."""
 
     def __init__(self, config: AETrainConfig, ae_config: AutoencoderConfig, data: Optional[torch.Tensor] = None,
-                 perceptual: Optional[PerceptualLoss] = None) -> None:
+                 perceptual: Optional[PerceptualLoss] = None,
+                 autoencoder_loss_fn: Optional[AELossFn] = None) -> None:
         c = self.config = config
+        if autoencoder_loss_fn is not None and not callable(autoencoder_loss_fn):
+            raise TypeError(f"autoencoder_loss_fn must be a function like AutoencoderLoss.autoencoder_loss, "
+                            f"got {type(autoencoder_loss_fn).__name__}")
+        self.autoencoder_loss_fn: AELossFn = autoencoder_loss_fn or AutoencoderLoss.autoencoder_loss
         self.device = torch.device(c.device) if c.device else get_device()
         if data is None:
             data = get_dataset(c.dataset, c.image_size).images
@@ -110,8 +123,14 @@ class AETrainer:
         x = next(self.batches).to(self.device)
         self.model.train()
         out = self.model(x, generator=self.noise_generator)
-        loss, logs = self.loss.autoencoder_loss(x, out, self.step, self.model.decoder.last_layer,
-                                                self.ae_config.regularizer)
+        loss, logs = self.autoencoder_loss_fn(self.loss, x, out, self.step, self.model.decoder.last_layer,
+                                              self.ae_config.regularizer)
+        missing = [k for k in LOG_KEYS if k not in logs]
+        if missing or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise TypeError(f"the autoencoder loss function must return (loss, logs): loss a tensor that keeps its "
+                            f"graph, logs a dict with {', '.join(LOG_KEYS)}; got {type(loss).__name__} and logs "
+                            f"missing {missing}")
+        logs = {k: float(v) for k, v in logs.items()}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the autoencoder loss is {loss.item()} at step {self.step}; training stopped "
                                      f"before the weights changed. Lower the learning rate (now {self.config.lr})")

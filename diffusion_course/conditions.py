@@ -16,7 +16,7 @@ procedurally generated ``shapes`` (:mod:`diffusion_course.shapes`).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -92,13 +92,15 @@ def conditional_data(data: Any, kind: str, context_dim: int = 64, **encoder: Any
     return condition_tensor(data, config), config
 
 
-def build_model(unet_config: UNetConfig, conditioner_config: Optional[ConditionerConfig] = None) -> nn.Module:
+def build_model(unet_config: UNetConfig, conditioner_config: Optional[ConditionerConfig] = None,
+                unet_class: Callable[[UNetConfig], nn.Module] = UNet) -> nn.Module:
     """The network a run trains: the U-Net alone, or (with a conditioner) the
     :class:`~diffusion_course.nn.ConditionalDenoiser` of condition encoder tau_theta and U-Net, whose widths
-    must agree. Lesson: 07_cross_attention."""
+    must agree. ``unet_class`` builds the U-Net from its configuration: the package's :class:`UNet`, or a class
+    of the same parameter names, such as the one a learner writes in lesson 04. Lesson: 07_cross_attention."""
     if conditioner_config is None:
-        return UNet(unet_config)
+        return unet_class(unet_config)
     if unet_config.context_dim != conditioner_config.context_dim:
         raise ValueError(f"the condition encoder gives tokens of width {conditioner_config.context_dim}, but the "
                          f"U-Net's cross-attention expects context_dim {unet_config.context_dim}; make them equal")
-    return ConditionalDenoiser(UNet(unet_config), build_conditioner(conditioner_config))
+    return ConditionalDenoiser(unet_class(unet_config), build_conditioner(conditioner_config))

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedules import Schedule, make_betas
+from .utils import evaluating
 
 Model = Callable[..., torch.Tensor]
 SIGMA_CHOICES = ("beta", "beta_tilde")
@@ -123,6 +124,42 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
     out = [int(i) for i in idx]
     assert len(set(out)) == steps and out == sorted(out, reverse=True) and 0 <= out[-1] and out[0] <= T - 1
     return out
+
+
+def slerp(x_a: torch.Tensor, x_b: torch.Tensor, weights: Union[float, Sequence[float], torch.Tensor]
+          ) -> torch.Tensor:
+    """Spherical interpolation between two tensors of one shape, along the great circle through them:
+
+        slerp(x_a, x_b, w) = sin((1 - w) theta) / sin(theta) x_a + sin(w theta) / sin(theta) x_b,
+        cos(theta) = <x_a, x_b> / (|x_a| |x_b|),
+
+    the angle taken over all their entries. ``w = 0`` gives ``x_a``, ``w = 1`` gives ``x_b``; between two vectors of
+    equal norm every point keeps that norm (a straight line between them cuts inside the sphere: its midpoint has
+    norm |x_a| cos(theta / 2)). That is why noise x_T is interpolated this way: a Gaussian x_T in d dimensions has
+    norm close to sqrt(d), and a point of much smaller norm is one the sampler never saw. ``weights``: a float
+    (returns ``x_a``'s shape) or a 1-D sequence or tensor of K floats (returns ``(K, *x_a.shape)``). Nearly parallel
+    inputs (sin(theta) < 1e-6) are interpolated linearly. Lesson: 03_training_and_sampling.
+    """
+    if not isinstance(x_a, torch.Tensor) or not isinstance(x_b, torch.Tensor):
+        raise TypeError("slerp interpolates between two tensors")
+    if x_a.shape != x_b.shape:
+        raise ValueError(f"slerp needs two tensors of one shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.ndim > 1 or not torch.isfinite(w).all():
+        raise ValueError(f"weights must be a finite float or a 1-D sequence of them, got {weights!r}")
+    a, b = x_a.double().flatten(), x_b.double().flatten()
+    norm_a, norm_b = a.norm(), b.norm()
+    if norm_a == 0 or norm_b == 0:
+        raise ValueError("slerp needs two non-zero tensors (the angle to a zero vector is undefined)")
+    theta = torch.arccos((a @ b / (norm_a * norm_b)).clamp(-1.0, 1.0))
+    ws = w.reshape(-1, 1)                                                       # (K, 1)
+    if torch.sin(theta) < 1e-6:
+        out = (1.0 - ws) * a + ws * b
+    else:
+        out = (torch.sin((1.0 - ws) * theta) * a + torch.sin(ws * theta) * b) / torch.sin(theta)
+    out = out.reshape(-1, *x_a.shape).to(device=x_a.device,
+                                         dtype=x_a.dtype if x_a.is_floating_point() else torch.float32)
+    return out[0] if w.ndim == 0 else out
 
 
 class Trajectory(NamedTuple):
@@ -423,18 +460,14 @@ class GaussianDiffusion:
         With ``return_trajectory`` also returns a :class:`Trajectory` keeping every ``trajectory_stride``-th
         x_t (on the CPU), x_T first and x_0 last. Lesson: 03_training_and_sampling.
         """
-        was_training = isinstance(model, torch.nn.Module) and model.training
-        if isinstance(model, torch.nn.Module):
-            model.eval()
-        x = self._start(model, shape, x_T, generator, device)
-        frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
-        for i in tqdm(range(self.T - 1, -1, -1), desc="DDPM sampling", disable=not progress, leave=False):
-            x = self.p_sample(model, x, i, sigma, clip_x0, generator, model_kwargs)
-            if return_trajectory and (i % trajectory_stride == 0):
-                frames.append(x.cpu())
-                times.append(i)
-        if was_training:
-            model.train()
+        with evaluating(model):
+            x = self._start(model, shape, x_T, generator, device)
+            frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
+            for i in tqdm(range(self.T - 1, -1, -1), desc="DDPM sampling", disable=not progress, leave=False):
+                x = self.p_sample(model, x, i, sigma, clip_x0, generator, model_kwargs)
+                if return_trajectory and (i % trajectory_stride == 0):
+                    frames.append(x.cpu())
+                    times.append(i)
         if return_trajectory:
             return x, Trajectory(torch.stack(frames), times)
         return x
@@ -489,20 +522,63 @@ class GaussianDiffusion:
                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
         """DDIM sampling with ``steps`` network calls (eta = 0: deterministic) on the grid ``spacing`` (see
         :meth:`ddim_timesteps`). Lesson: 03_training_and_sampling."""
-        was_training = isinstance(model, torch.nn.Module) and model.training
-        if isinstance(model, torch.nn.Module):
-            model.eval()
-        x = self._start(model, shape, x_T, generator, device)
-        seq = self.ddim_timesteps(steps, spacing)
-        frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
-        for k, t in enumerate(tqdm(seq, desc=f"DDIM sampling ({steps} steps)", disable=not progress, leave=False)):
-            t_prev = seq[k + 1] if k + 1 < len(seq) else -1
-            x = self.ddim_step(model, x, t, t_prev, eta, clip_x0, generator, model_kwargs)
-            if return_trajectory:
-                frames.append(x.cpu())
-                times.append(t_prev + 1)
-        if was_training:
-            model.train()
+        with evaluating(model):
+            x = self._start(model, shape, x_T, generator, device)
+            seq = self.ddim_timesteps(steps, spacing)
+            frames, times = ([x.cpu()] if return_trajectory else []), [self.T]
+            for k, t in enumerate(tqdm(seq, desc=f"DDIM sampling ({steps} steps)", disable=not progress, leave=False)):
+                t_prev = seq[k + 1] if k + 1 < len(seq) else -1
+                x = self.ddim_step(model, x, t, t_prev, eta, clip_x0, generator, model_kwargs)
+                if return_trajectory:
+                    frames.append(x.cpu())
+                    times.append(t_prev + 1)
+        if return_trajectory:
+            return x, Trajectory(torch.stack(frames), times)
+        return x
+
+    @torch.no_grad()
+    def ddim_invert(self, model: Model, x0: torch.Tensor, steps: int = 50, spacing: str = "linspace",
+                    return_trajectory: bool = False, progress: bool = True,
+                    model_kwargs: Optional[Dict[str, Any]] = None
+                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
+        """DDIM inversion: run the deterministic DDIM process (eta = 0) *forwards*, from data ``x0`` ``(B, ...)`` up
+        to x_T, on the grid of :meth:`ddim_timesteps` (``steps`` network calls); Song, Meng & Ermon (2021) encode
+        images to their codes this way.
+
+        Each step goes from a level s to the next noisier level t of the grid with the network's noise estimate
+        at the level it is at, eps = eps_theta(x_s, s):
+
+            x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps,  x0_hat = (x_s - sqrt(1 - abar_s) eps) / sqrt(abar_s),
+
+        that is x_t / sqrt(abar_t) = x_s / sqrt(abar_s) + (sigma_t - sigma_s) eps with sigma = sqrt((1 - abar) / abar):
+        the Euler step of the same ODE that :meth:`ddim_sample` solves backwards, with the roles of the two levels
+        swapped. The first step starts at the data (abar = 1), where eps_theta is not defined; it uses
+        eps_theta(x_0, t_1) at the grid's first level t_1. ``ddim_sample(model, shape, steps, x_T=...)`` with the
+        same grid and ``clip_x0=False`` maps the result back close to ``x0``, closer as ``steps`` grows (the two
+        Euler steps over each stride differ only in the level where eps is read). No clipping here: a clamped
+        x0_hat would make the map impossible to undo. With ``return_trajectory`` also returns a
+        :class:`Trajectory` of x_0 and x after each step (on the CPU), labelled with the lecture's t (0 first, T
+        last). Lesson: 03_training_and_sampling.
+        """
+        if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
+            raise TypeError(f"x0 must be a floating-point tensor (B, ...), got {type(x0).__name__}")
+        seq = self.ddim_timesteps(steps, spacing)[::-1]  # increasing noise: e.g. 0, ..., T - 1
+        x = x0
+        frames, times = ([x.cpu()] if return_trajectory else []), [0]
+        with evaluating(model):
+            for k, t in enumerate(tqdm(seq, desc=f"DDIM inversion ({steps} steps)", disable=not progress,
+                                       leave=False)):
+                s = seq[k - 1] if k > 0 else seq[0]             # where eps is read: the current level
+                ab_s = float(self.alpha_bar[seq[k - 1]]) if k > 0 else 1.0
+                ab_t = float(self.alpha_bar[t])
+                eps = model(x, self._t_on(s, x), **(model_kwargs or {}))
+                if eps.shape != x.shape:
+                    raise ValueError(f"the model returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+                x0_hat = (x - math.sqrt(1.0 - ab_s) * eps) / math.sqrt(ab_s)
+                x = math.sqrt(ab_t) * x0_hat + math.sqrt(1.0 - ab_t) * eps
+                if return_trajectory:
+                    frames.append(x.cpu())
+                    times.append(t + 1)
         if return_trajectory:
             return x, Trajectory(torch.stack(frames), times)
         return x

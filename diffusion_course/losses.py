@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +82,8 @@ class PerceptualLoss(nn.Module):
         unknown = set(self.layers) - set(VGG16_LAYERS)
         if not self.layers or unknown:
             raise ValueError(f"unknown VGG16 layers {sorted(unknown)}; choose from {', '.join(VGG16_LAYERS)}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # seeds the CPU generator only (torch.manual_seed would reseed CUDA's)
+            torch.default_generator.manual_seed(seed)
             net = vgg16(weights=None)
         state, self.source = None, f"random weights (seed {seed}): ImageNet VGG16 weights not found offline"
         cached = _vgg16_checkpoint()
@@ -182,10 +182,77 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"the discriminator expects images (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if min(x.shape[-2:]) < 2 ** (self.n_layers + 1):
+        if self.output_size(min(x.shape[-2:])) < 1:  # the last convolutions need a 3x3 map after the halvings
             raise ValueError(f"images of {tuple(x.shape[-2:])} are too small for a {self.n_layers}-layer PatchGAN "
-                             f"(at least {2 ** (self.n_layers + 1)} pixels a side); use fewer layers")
+                             f"(at least {3 * 2 ** self.n_layers} pixels a side); use fewer layers")
         return self.net(x)
+
+
+class PatchGeometry(NamedTuple):
+    """Where the logits of a PatchGAN sit on its input image, in pixels: ``grid`` logits a side, each seeing a
+    ``receptive_field`` x ``receptive_field`` window; neighbouring logits' windows are ``jump`` pixels apart, and
+    the window of logit ``(i, j)`` starts at pixel ``(first + i * jump, first + j * jump)`` (``first`` < 0: the
+    window reaches into the zero padding). Lesson: 06_ldm_autoencoder."""
+
+    grid: int
+    receptive_field: int
+    jump: int
+    first: int
+
+
+def patchgan_geometry(image_size: int, n_layers: int) -> PatchGeometry:
+    """The logit grid and receptive field of :class:`PatchDiscriminator` (``n_layers`` 4x4 convolutions of
+    stride 2, then two of stride 1, all with padding 1) on ``image_size`` x ``image_size`` images. Each
+    convolution (kernel k, stride s, padding p) maps a side n to (n + 2p - k) // s + 1, widens the window by
+    (k - 1) times the current jump, moves its start by -p times the jump, and multiplies the jump by s.
+    Lesson: 06_ldm_autoencoder."""
+    if n_layers < 1 or image_size < 1:
+        raise ValueError(f"need n_layers >= 1 and image_size >= 1, got {n_layers} and {image_size}")
+    size, field, jump, first = image_size, 1, 1, 0
+    for k, s, p in [(4, 2, 1)] * n_layers + [(4, 1, 1)] * 2:
+        size = (size + 2 * p - k) // s + 1
+        field, first, jump = field + (k - 1) * jump, first - p * jump, jump * s
+    return PatchGeometry(size, field, jump, first)
+
+
+def logit_input_gradient(disc: PatchDiscriminator, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """|d D_psi(x)[0, 0, i, j] / d x| summed over channels, ``(H, W)``, with ``disc`` in eval mode (BatchNorm
+    with its running statistics, so that a logit depends on its own window only; the mode is restored after).
+    Its nonzero pixels are the receptive field of logit ``(i, j)``, clipped to the image.
+    Lesson: 06_ldm_autoencoder."""
+    was = disc.training
+    disc.eval()
+    try:
+        x = x[:1].detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(disc(x)[0, 0, i, j], x)
+    finally:
+        disc.train(was)
+    return grad[0].abs().sum(0)
+
+
+def measure_patchgan_geometry(image_size: int, n_layers: int) -> PatchGeometry:
+    """:func:`patchgan_geometry` measured on a real :class:`PatchDiscriminator` instead of computed: ``grid`` from
+    its output on an ``image_size`` image, the window from the gradients of two neighbouring logits (all
+    weights set to 1, so that no gradient cancels by chance) on a canvas large enough for their windows to lie
+    inside it. Lesson: 06_ldm_autoencoder."""
+    with torch.random.fork_rng(devices=[]):  # the initialisation draws; the caller's random state stays as it was
+        disc = PatchDiscriminator(1, 1, n_layers).double().eval()
+    with torch.no_grad():
+        for m in disc.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.weight.fill_(1.0)
+    with torch.no_grad():
+        grid = disc(torch.zeros(1, 1, image_size, image_size, dtype=torch.float64)).shape[-1]
+    canvas = 8 * 2 ** n_layers
+    while True:
+        x = torch.zeros(1, 1, canvas, canvas, dtype=torch.float64)
+        mid = disc.output_size(canvas) // 2
+        rows = [logit_input_gradient(disc, x, i, mid).sum(1).nonzero().flatten() for i in (mid, mid + 1)]
+        if rows[0][0] > 0 and rows[1][-1] < canvas - 1:  # both windows inside the canvas: nothing clipped
+            break
+        canvas *= 2
+    jump = int(rows[1][0] - rows[0][0])
+    return PatchGeometry(grid, int(rows[0][-1] - rows[0][0]) + 1, jump, int(rows[0][0]) - mid * jump)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -49,10 +49,10 @@ import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .ddpm import SPACINGS, GaussianDiffusion, Model, Trajectory, timesteps
+from .utils import evaluating
 
 __all__ = ["SPACINGS", "SAMPLERS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "multistep_x0",
            "dpm_solver_pp_2m_sample", "sample_with"]  # the grids live in ddpm (DDIM uses them too) and are offered here as well
@@ -153,10 +153,7 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
                         "call dpm_solver_pp_2m_sample(diffusion, model, shape, ...)")
     seq = timesteps(diffusion.T, steps, spacing)
     clip = diffusion.clip_x0 if clip_x0 is None else bool(clip_x0)
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
+    with evaluating(model):
         x = diffusion._start(model, shape, x_T, generator, device)
         frames, times = ([x.cpu()] if return_trajectory else []), [diffusion.T]
         x0_prev: Optional[torch.Tensor] = None
@@ -178,9 +175,6 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
             if return_trajectory:
                 frames.append(x.cpu())
                 times.append(t_next + 1)
-    finally:
-        if was_training:
-            model.train()
     if return_trajectory:
         return x, Trajectory(torch.stack(frames), times)
     return x

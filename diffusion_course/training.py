@@ -43,7 +43,7 @@ import os
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from .ddpm import GaussianDiffusion
 from .guidance import ClassifierFreeGuidance, condition_dropout
 from .ldm import (SPATIAL, LatentDiffusion, box_keep_masks, encode_images, inpaint_condition, latent_diffusion_from,
                   latent_unet_config, random_keep_masks, semantic_condition, spatial_channels)
-from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
+from .nn import ConditionalDenoiser, ConditionerConfig, UNet, UNetConfig
 from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
 from .solvers import SAMPLERS, sample_with
@@ -297,11 +297,15 @@ class Trainer:
     With ``config.condition`` other than ``none`` it trains a conditional model (lesson 07): the conditions
     come from the data set (see :mod:`diffusion_course.conditions`), or from ``cond`` (one row per image of
     ``data``) with ``conditioner_config``; ``unet_config`` then needs the conditioner's ``context_dim``.
+
+    ``unet_class`` builds the U-Net from ``unet_config`` (default: the package's :class:`UNet`); lesson 04 passes
+    the learner's own U-Net class, which has the same parameter names, so checkpoints load into either.
     """
 
     def __init__(self, config: TrainConfig, unet_config: Optional[UNetConfig] = None,
                  data: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
-                 conditioner_config: Optional[ConditionerConfig] = None) -> None:
+                 conditioner_config: Optional[ConditionerConfig] = None,
+                 unet_class: Optional[Callable[[UNetConfig], nn.Module]] = None) -> None:
         self.config = c = config
         self.dist, self.device, self._owns_group = setup_distributed(c.device)
         dataset = None
@@ -370,7 +374,7 @@ class Trainer:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the number of processes {world}")
 
         torch.manual_seed(c.seed)  # the same initial weights on every process and in every run
-        self.model = build_model(unet_config, conditioner_config)
+        self.model = build_model(unet_config, conditioner_config, unet_class or UNet)
         if c.autoencoder is not None and not isinstance(self.model, ConditionalDenoiser):
             self.model = ConditionalDenoiser(self.model)  # the home of the concatenated spatial condition
         self.model = self.model.to(self.device)

@@ -11,8 +11,9 @@ import platform
 import random
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, fields
-from typing import Any, Dict, Optional, Type, TypeVar
+from typing import Any, Dict, Iterator, Optional, Type, TypeVar
 
 import numpy as np
 import torch
@@ -145,6 +146,21 @@ def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> in
 
 
 T = TypeVar("T")
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (dropout off, BatchNorm on its running statistics) if it is an
+    ``nn.Module``, and give it back its training mode afterwards, also when the block raises; a plain function
+    as model is left alone. The samplers use it. Lesson: 03_training_and_sampling."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def dataclass_from_dict(cls: Type[T], d: Dict[str, Any], what: str) -> T:

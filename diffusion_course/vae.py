@@ -395,3 +395,31 @@ def evaluate_vae(model: VAE, images: torch.Tensor, batch_size: int = 512) -> Dic
     return {"rate": kl_per_dim.sum().item(), "distortion": reconstruction_error(images, x_hat).mean().item(),
             **reconstruction_quality(images, x_hat), "kl_per_dim": kl_per_dim,
             "active_dims": int((kl_per_dim > 0.01).sum())}
+
+
+def rate_distortion(mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
+                    active_threshold: float = 0.01) -> Dict[str, Any]:
+    """The bookkeeping of a rate-distortion point from held-out images: the encoder's ``mu`` and ``logvar``
+    ``(N, D)``, the images ``x`` and their reconstructions ``x_hat = D(mu(x))`` ``(N, C, H, W)``. Returns
+
+    * ``kl_per_dim`` ``(D,)``: the KL of each code dimension, averaged over the images (nats);
+    * ``rate_nats``: R, their sum, the mean KL per image; ``rate_bits``: R / ln 2;
+    * ``bits_per_value``: rate_bits / (C H W), the bits the code spends per pixel value;
+    * ``active_dims``: how many dimensions have a KL above ``active_threshold`` nats (an int);
+    * ``distortion``: Dist, the squared error summed over each image, averaged over the images;
+    * ``distortion_per_value``: Dist / (C H W), the mean squared error per pixel value.
+
+    Lesson: 05_vae."""
+    if mu.ndim != 2 or mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must both be (N, D), got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+    if x.shape != x_hat.shape or len(x) != len(mu):
+        raise ValueError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must match, with one code per image "
+                         f"({len(mu)} codes)")
+    kl_per_dim = kl_to_standard_normal(mu, logvar).mean(0)
+    rate = kl_per_dim.sum()
+    n_values = x[0].numel()
+    distortion = reconstruction_error(x, x_hat).mean()
+    return {"kl_per_dim": kl_per_dim, "rate_nats": rate.item(), "rate_bits": rate.item() / math.log(2),
+            "bits_per_value": rate.item() / math.log(2) / n_values,
+            "active_dims": int((kl_per_dim > active_threshold).sum()),
+            "distortion": distortion.item(), "distortion_per_value": distortion.item() / n_values}

@@ -26,6 +26,18 @@ def test_bench_samplers_measures_every_sampler_and_the_floor(tmp_path):
     assert all(r["fd"]["mean"] > 0 for r in rows) and rows[1]["images_per_s"] > 0
 
 
+def test_bench_samplers_reports_fd_against_the_sample_size(one_thread):
+    with pytest.warns(UserWarning, match="fewer samples"):
+        result = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "2", "--ddim", "2",
+                                              "--no-ddpm", "--fd-sizes", "6,12,50"])
+    sizes = result["fd_by_size"]
+    assert set(sizes) == {"real train digits", "DDIM 2"}
+    assert set(sizes["DDIM 2"]) == {"6", "12"}            # 50 is more than the 12 samples drawn: left out
+    assert all(v["mean"] > 0 and v["std"] >= 0 for d in sizes.values() for v in d.values())
+    # the full set of 12 is its own only subset: every repeat gives the FD of the sampler's row for that seed
+    assert sizes["DDIM 2"]["12"]["mean"] == pytest.approx(result["rows"][1]["fd"]["mean"], rel=1e-6)
+
+
 def test_bench_samplers_runs_dpm_solver_beside_ddim(tmp_path, one_thread):
     out = tmp_path / "d.json"
     with pytest.warns(UserWarning, match="fewer samples"):

@@ -1,4 +1,5 @@
-"""Each checker accepts the reference, hands back the reference for a stub, and rejects plausible mistakes."""
+"""Each checker accepts the reference, hands back the reference for a stub, and rejects plausible mistakes
+(the first with a nudge, the later ones with the full hint)."""
 import math
 
 import pytest
@@ -14,6 +15,14 @@ def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: stub")
 
 
+@pytest.fixture(autouse=True)
+def fresh_hints():
+    """Every test starts with no failures counted, so the tiers it sees are its own."""
+    checks.reset_hints()
+    yield
+    checks.reset_hints()
+
+
 def _alpha_bar_prev(alpha_bar):
     return torch.cat([torch.ones(1, dtype=alpha_bar.dtype), alpha_bar[:-1]])
 
@@ -27,12 +36,17 @@ WRONG = {
         lambda betas: 1 - betas,                        # alpha_t instead of abar_t
         lambda betas: torch.cumprod(betas, 0),          # product of betas
         lambda betas: 1 - torch.cumsum(betas, 0),       # first-order approximation
+        lambda betas: torch.cumprod(1 - betas.float(), 0),  # float32: the lesson asserts 1e-12 against float64
     ],
     "1.2": [
         lambda T, s=0.008, max_beta=0.999: checks.ref_cosine_betas(T, s, 1.0),           # no clipping
         lambda T, s=0.008, max_beta=0.999: 1 - torch.cos(((torch.arange(1, T + 1, dtype=torch.float64) / T + s) / (1 + s)) * math.pi / 2)
         / torch.cos(((torch.arange(0, T, dtype=torch.float64) / T + s) / (1 + s)) * math.pi / 2),  # cos not squared
         lambda T, s=0.008, max_beta=0.999: checks.ref_cosine_betas(T, 0.0, max_beta),      # offset s ignored
+        lambda T, s=0.008, max_beta=0.999: (1 - torch.cos(((torch.arange(1, T + 1) / T + s) / (1 + s)) * math.pi / 2) ** 2
+                                            / torch.cos(((torch.arange(0, T) / T + s) / (1 + s)) * math.pi / 2) ** 2
+                                            ).clamp(max=max_beta).double(),  # float32 inside, cast at the end
+        lambda T, s=0.008, max_beta=0.999: checks.ref_cosine_betas(T, s, 0.999),             # max_beta ignored
     ],
     "1.3": [
         lambda x0, t, noise, alpha_bar: _bcast(alpha_bar[t], x0).sqrt() * x0 + _bcast(1 - alpha_bar[t], x0).sqrt() * noise * 0
@@ -40,27 +54,35 @@ WRONG = {
         lambda x0, t, noise, alpha_bar: _bcast(torch.cat([alpha_bar[:1], alpha_bar])[t], x0).sqrt() * x0
         + _bcast(1 - torch.cat([alpha_bar[:1], alpha_bar])[t], x0).sqrt() * noise,                         # off by one (t - 1)
         lambda x0, t, noise, alpha_bar: checks.ref_q_sample(x0, t, noise, torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])),  # alpha_t
+        lambda x0, t, noise, alpha_bar: _bcast(alpha_bar[t], x0).sqrt() * x0 + (1 - alpha_bar[t]).sqrt().reshape(_bcast(alpha_bar[t], x0).shape) * noise,  # float64 out for float32 in
+        lambda x0, t, noise, alpha_bar: checks.ref_q_sample(x0.float(), t, noise.float(), alpha_bar),  # always float32
     ],
     "2.1": [
         lambda betas: betas,                                                              # beta_t instead of beta-tilde
         lambda betas: betas * (1 - torch.cumprod(1 - betas, 0)) / (1 - torch.cumprod(1 - betas, 0)),  # abar_t for abar_{t-1}
         lambda betas: betas * (1 - torch.cat([torch.zeros(1, dtype=betas.dtype), torch.cumprod(1 - betas, 0)[:-1]]))
         / (1 - torch.cumprod(1 - betas, 0)),                                             # abar_0 = 0
+        lambda betas: checks.ref_posterior_variance(betas.float()),                       # float32 inside
     ],
     "2.2": [
         lambda mean1, logvar1, mean2, logvar2: checks.ref_gaussian_kl(mean2, logvar2, mean1, logvar1),  # reversed
         lambda mean1, logvar1, mean2, logvar2: 2 * checks.ref_gaussian_kl(mean1, logvar1, mean2, logvar2),  # no 1/2
         lambda mean1, logvar1, mean2, logvar2: checks.ref_gaussian_kl(mean1, logvar1, mean2, logvar2) + 0.5,  # forgot -1
+        lambda mean1, logvar1, mean2, logvar2: checks.ref_gaussian_kl(mean1.float(), logvar1.float(), mean2.float(),
+                                                                      logvar2.float()).double(),  # float32 inside
     ],
     "2.3": [
         lambda x0, xt, t, betas: checks.ref_posterior_mean(xt, x0, t, betas),                     # coefficients swapped
         lambda x0, xt, t, betas: GaussianDiffusion(betas).predict_x0_from_eps(xt, t, torch.zeros_like(xt)),  # x0 from xt
         lambda x0, xt, t, betas: checks.ref_posterior_mean(x0, xt, (t - 1).clamp(min=0), betas),  # off by one
+        lambda x0, xt, t, betas: checks.ref_posterior_mean(x0.float(), xt.float(), t, betas.float()).to(x0.dtype),  # float32 inside
+        lambda x0, xt, t, betas: checks.ref_posterior_mean(x0.double(), xt.double(), t, betas),   # float64 out for float32 in
     ],
     "3.1": [
         lambda eps_model, x0, t, noise, alpha_bar: ((x0 - eps_model(checks.ref_q_sample(x0, t, noise, alpha_bar), t)) ** 2).mean(),  # x0 target
         lambda eps_model, x0, t, noise, alpha_bar: ((noise - eps_model(x0, t)) ** 2).mean(),       # forgot to noise x0
         lambda eps_model, x0, t, noise, alpha_bar: ((noise - eps_model(checks.ref_q_sample(x0, t, noise, alpha_bar), t)) ** 2).sum(),  # sum not mean
+        lambda eps_model, x0, t, noise, alpha_bar: checks.ref_simple_loss(eps_model, x0, t, noise, alpha_bar).detach(),  # no gradient
     ],
     "3.2": [
         lambda eps_model, xt, t, z, betas: checks.ref_sampling_step(eps_model, xt, t, z, betas)
@@ -74,6 +96,11 @@ WRONG = {
         lambda eps, xt, alpha_bar_t, alpha_bar_prev: math.sqrt(alpha_bar_prev) * (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # eps not reused
         lambda eps, xt, alpha_bar_t, alpha_bar_prev: (xt - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t),  # returns x0_pred
     ],
+    "3.4": [
+        lambda score_fn, x, step_size, z: x + step_size * score_fn(x) + math.sqrt(step_size) * z,       # no 1/2
+        lambda score_fn, x, step_size, z: x + 0.5 * step_size * score_fn(x) + step_size * z,           # no square root
+        lambda score_fn, x, step_size, z: x - 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * z,  # downhill
+    ],
     "4.1": [
         lambda t, dim: torch.cat([torch.sin(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2))[None]),
                                   torch.cos(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2))[None])]
@@ -83,12 +110,7 @@ WRONG = {
                                   torch.sin(t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2 - 1))[None])]
                                  + ([torch.zeros(len(t), 1)] if dim % 2 else []), 1),           # (half - 1) denominator
     ],
-    "4.2": [
-        lambda block, x, emb: block.skip(x) + block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x)))))),  # time ignored
-        lambda block, x, emb: block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x))) + block.emb_proj(F.silu(emb))[:, :, None, None]))),  # no skip
-        lambda block, x, emb: block.skip(x) + block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x + 0)))) + block.emb_proj(F.silu(emb))[:, :, None, None])),  # time after the norm
-    ],
-    "4.3": [
+    "4.5": [
         lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, num_res_blocks) // 2,  # skip forgotten
         lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, num_res_blocks).flip(0),  # wrong order
         lambda model_channels, channel_mult, num_res_blocks: checks.ref_up_block_in_channels(model_channels, channel_mult, max(1, num_res_blocks - 1))[:1].repeat(len(channel_mult) * (num_res_blocks + 1)),  # one size for all
@@ -97,6 +119,7 @@ WRONG = {
         lambda mu, logvar, eps: mu + torch.exp(logvar) * eps,                    # variance instead of std
         lambda mu, logvar, eps: mu + logvar * eps,                               # logvar used as sigma
         lambda mu, logvar, eps: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu),  # fresh noise, eps ignored
+        lambda mu, logvar, eps: (mu + torch.exp(0.5 * logvar) * eps).detach(),   # no gradient to mu and logvar
     ],
     "5.2": [
         lambda mu, logvar: mu ** 2 + torch.exp(logvar) - 1 - logvar,             # no 1/2
@@ -111,6 +134,8 @@ WRONG = {
         + kl_weight * checks.ref_kl_to_standard_normal(mu, logvar).sum(),                      # sum over the batch
         lambda x, x_hat, mu, logvar, kl_weight: ((x - x_hat) ** 2).flatten(1).sum(1).mean()
         + kl_weight * checks.ref_kl_to_standard_normal(mu, logvar).mean(),                     # KL mean over dims
+        lambda x, x_hat, mu, logvar, kl_weight: checks.ref_vae_loss(x, x_hat, mu, logvar, kl_weight).detach(),  # no gradient
+        lambda x, x_hat, mu, logvar, kl_weight: checks.ref_vae_loss(x, x_hat.detach(), mu, logvar, kl_weight),  # decoder cut off
         lambda x, x_hat, mu, logvar, kl_weight: kl_weight * ((x - x_hat) ** 2).flatten(1).sum(1).mean()
         + checks.ref_kl_to_standard_normal(mu, logvar).flatten(1).sum(1).mean(),               # weight on recon
     ],
@@ -210,9 +235,15 @@ def test_checker_hands_back_reference_for_a_stub(exercise, check, reference, cap
 def test_checker_rejects_plausible_mistakes(exercise, check, reference):
     mistakes = WRONG[exercise]
     assert len(mistakes) >= 2
-    for wrong in mistakes:
-        with pytest.raises(ExerciseFailed, match=f"(?s)Exercise {exercise}.*Hint"):
+    for k, wrong in enumerate(mistakes):
+        with pytest.raises(ExerciseFailed, match=f"(?s)Exercise {exercise}.*on case") as failed:
             check(wrong)
+        message = str(failed.value)
+        if k == 0:  # a first failure nudges and points at more help; the formula stays hidden
+            assert failed.value.tier == "nudge" and "Nudge: " in message and "Hint:" not in message
+            assert f'checks.show_hint("{exercise}")' in message
+        else:
+            assert failed.value.tier == "hint" and "Hint: " in message and "Nudge:" not in message
 
 
 def test_checker_reports_crashes_and_wrong_shapes():
@@ -226,7 +257,11 @@ def test_checker_reports_crashes_and_wrong_shapes():
 
 def test_every_exercise_is_listed_once():
     ids = [c[0] for c in checks.ALL_CHECKS]
-    assert len(ids) == len(set(ids)) == len(WRONG)
+    assert len(ids) == len(set(ids)) and set(ids) <= set(WRONG)
+    # a list of mistakes may be written before its exercise joins ALL_CHECKS, but never for one that does not exist
+    documented = {v.__doc__.split(":")[0].split()[-1] for k, v in vars(checks).items()
+                  if k.startswith("check_") and (v.__doc__ or "").startswith("Exercise ")}
+    assert set(WRONG) <= documented, sorted(set(WRONG) - documented)
 
 
 @pytest.mark.parametrize("exercise, check, reference", checks.ALL_CHECKS, ids=[c[0] for c in checks.ALL_CHECKS])

@@ -1,5 +1,6 @@
 """Lesson 08's checkers accept the reference, hand back the reference for a stub, reject plausible mistakes
-(naming them) and leave the learner's random state alone."""
+(naming them) and leave the learner's random state alone. Most tests here read the full hint, so they run
+with ``set_hints("full")``; one checks the tiers."""
 import pytest
 import torch
 
@@ -10,6 +11,9 @@ from diffusion_course.ldm import inpaint_combine
 
 def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: stub")
+
+
+pytestmark = pytest.mark.usefixtures("full_hints")
 
 
 def _ab(diffusion, t, z):
@@ -51,7 +55,7 @@ WRONG_L_COND = [
     (lambda denoiser, diffusion, z0, cond, t, noise: _mse(noise, denoiser(
         _ab(diffusion, t, z0) * z0 + (1 - _ab(diffusion, t, z0)) * noise, t, cond=cond)), "without the square roots"),
     (lambda denoiser, diffusion, z0, cond, t, noise: _mse(noise, denoiser(diffusion.q_sample(z0, t, noise), t)),
-     "the condition y must reach the denoiser"),
+     "the condition y never reaches the denoiser"),
     (lambda denoiser, diffusion, z0, cond, t, noise: _mse(noise, denoiser(
         diffusion.q_sample(z0, t + 1, noise), t, cond=cond)), "at t \\+ 1"),
     (lambda denoiser, diffusion, z0, cond, t, noise: _mse(z0, denoiser(
@@ -132,6 +136,24 @@ def test_inpaint_combine_accepts_the_reference_and_hands_it_back_for_a_stub(caps
 def test_inpaint_combine_rejects_plausible_mistakes(wrong, what):
     with pytest.raises(ExerciseFailed, match=f"(?s)(?=.*Exercise 8.3: )(?=.*t_prev = )(?=.*Hint: )(?=.*{what})"):
         checks.check_inpaint_combine(wrong)
+
+
+def test_a_first_failure_names_the_mistake_with_a_nudge_and_the_second_gives_the_hint():
+    checks.reset_hints()  # tiered
+    wrong = WRONG_COMBINE[0][0]
+    with pytest.raises(ExerciseFailed) as first:
+        checks.check_inpaint_combine(wrong)
+    text = str(first.value)
+    assert "clean z_known is blended" in text and "Nudge: the known region" in text and "Hint:" not in text
+    with pytest.raises(ExerciseFailed) as second:
+        checks.check_inpaint_combine(wrong)
+    assert "clean z_known is blended" in str(second.value) and "Hint: first noise the known latent" in str(second.value)
+
+
+def test_a_detached_loss_fails_with_its_own_reason_on_the_first_case():
+    with pytest.raises(ExerciseFailed, match="(?s)Exercise 8.2: the loss carries no gradient.*on case 1 ") as failed:
+        checks.check_l_cond(WRONG_L_COND[-1][0])
+    assert isinstance(failed.value.__cause__, checks.CaseRejected)
 
 
 def _draws_noise(fn):

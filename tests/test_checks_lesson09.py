@@ -11,7 +11,10 @@ from diffusion_course.nn.layers import zero_module
 from diffusion_course.nn.sft import SFTLayer
 
 
-def _sft_class(formula, zero=True, names=("shared", "to_alpha", "to_beta")):
+pytestmark = pytest.mark.usefixtures("full_hints")
+
+
+def _sft_class(formula, zero=True, names=("shared", "to_alpha", "to_beta"), init_std=None):
     class SFT(nn.Module):
         def __init__(self, channels, cond_channels, hidden):
             super().__init__()
@@ -19,6 +22,10 @@ def _sft_class(formula, zero=True, names=("shared", "to_alpha", "to_beta")):
             a, b = nn.Conv2d(hidden, channels, 3, padding=1), nn.Conv2d(hidden, channels, 3, padding=1)
             for name, m in zip(names, (shared, zero_module(a) if zero else a, zero_module(b) if zero else b)):
                 setattr(self, name, m)
+            if init_std is not None:  # "almost zero" heads instead of zero ones
+                for head in (a, b):
+                    nn.init.normal_(head.weight, std=init_std)
+                    nn.init.zeros_(head.bias)
             self._names = names
 
         def forward(self, F_dif, feature):
@@ -50,6 +57,9 @@ def test_sft_checker_wants_identity_at_start_and_the_lecture_names():
         check_sft_layer(_sft_class(lambda F, a, b: (1 + a) * F + b, zero=False))
     with pytest.raises(ExerciseFailed, match="Name the parts"):
         check_sft_layer(_sft_class(lambda F, a, b: (1 + a) * F + b, names=("mlp", "gamma", "beta")))
+    # nearly the identity is not enough: the lesson asserts torch.equal(layer(F_dif, feature), F_dif) next
+    with pytest.raises(ExerciseFailed, match="(?s)values differ.*case 1"):
+        check_sft_layer(_sft_class(lambda F, a, b: (1 + a) * F + b, zero=False, init_std=1e-7))
 
 
 def test_sft_checker_stub_falls_back(capsys):
@@ -109,6 +119,10 @@ def test_encoder_forward_checker():
         check_encoder_forward(lambda encoder, x, t: forward(encoder, x, torch.zeros_like(t)))
     with pytest.raises(ExerciseFailed):  # without fea_tran
         check_encoder_forward(lambda encoder, x, t: {k: v for k, v in zip(["a"], [x])})
+    with pytest.raises(ExerciseFailed, match="keys must be the heights as strings"):  # the lesson reads str keys
+        check_encoder_forward(lambda encoder, x, t: {int(k): v for k, v in forward(encoder, x, t).items()})
+    with pytest.raises(ExerciseFailed, match="must return a dict"):
+        check_encoder_forward(lambda encoder, x, t: list(forward(encoder, x, t).values()))
     def stub(encoder, x, t):
         raise NotImplementedError
     used = check_encoder_forward(stub)

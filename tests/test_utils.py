@@ -94,3 +94,22 @@ def test_viz_helpers():
     with pytest.raises(ValueError, match="expected images"):
         viz.to_display(torch.rand(2, 2, 4, 4))
     assert viz.plot_loss([1.0] * 100, smooth=10).get_ylabel() == "loss"
+
+
+def test_evaluating_restores_the_training_mode_even_on_an_error():
+    from diffusion_course.utils import evaluating
+
+    net = torch.nn.Dropout(0.5).train()
+    with evaluating(net):
+        assert not net.training
+    assert net.training
+    with pytest.raises(RuntimeError):
+        with evaluating(net):
+            raise RuntimeError("the sampler failed")
+    assert net.training
+    frozen = torch.nn.Dropout(0.5).eval()
+    with evaluating(frozen):
+        pass
+    assert not frozen.training                     # a model in eval mode stays there
+    with evaluating(lambda x: x):                  # a plain function is left alone
+        pass

@@ -6,14 +6,20 @@ seeded random inputs and prints a verdict:
 * correct: it says so and returns the learner's function, which the lesson then uses;
 * still a stub (it raises ``NotImplementedError``): it says "not implemented yet" and returns the
   reference, so the lesson carries on;
-* wrong: it raises :class:`ExerciseFailed` (an ``AssertionError``) naming the first failing case and
-  a hint. Fix the function, or put the stub back to skip the exercise.
+* wrong: it raises :class:`ExerciseFailed` (an ``AssertionError``) naming the first failing case. Help comes
+  in tiers: the first failure of an exercise gives a nudge (the idea, not the formula), the second and later
+  ones the full hint. Fix the function, or put the stub back to skip the exercise.
+
+Help on request: ``show_hint("N.k")`` prints the full hint of an exercise whose checker has run,
+``show_solution("N.k")`` its worked solution, and ``set_hints("full")`` (or the environment variable
+``DIFFUSION_COURSE_HINTS=full``) shows the full hint on every failure.
 
 One module per lesson (``lesson01`` ... ), sharing the runner in ``_runner``;
 every checker is importable from here. The exercise mechanism itself (solution markers, the generated learner notebooks) is described in
 :mod:`diffusion_course.exercises`. Taught in lesson 00_setup.
 """
-from ._runner import Case, ExerciseFailed, run_check
+from ._runner import (Case, CaseRejected, ExerciseFailed, fail, register_hint, reset_hints, run_check, set_hints,
+                      show_hint, show_solution)
 from . import lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07
 from .lesson01 import *  # noqa: F401,F403
 from .lesson02 import *  # noqa: F401,F403

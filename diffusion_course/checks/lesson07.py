@@ -8,7 +8,7 @@ import torch
 
 from ..guidance import guided_eps
 from ..nn.attention import MultiHeadAttention
-from ._runner import Case, _gen, _no_grad, run_check
+from ._runner import Case, _gen, _no_grad, _seeded, run_check
 
 
 def _random_mask(g: torch.Generator, B: int, M: int) -> torch.Tensor:
@@ -41,12 +41,14 @@ def check_scaled_dot_product_attention(fn: Callable) -> Callable:
                      "scores = q @ k.transpose(-2, -1) / math.sqrt(d) with d = q.shape[-1] (the width of one "
                      "query, not N or M); where mask is False set the score to -inf (scores.masked_fill(~mask[:, "
                      "None, :], float('-inf'))); softmax over the LAST axis (each query's weights over the keys sum "
-                     "to 1); then @ v.", rtol=1e-4, atol=1e-5)
+                     "to 1); then @ v.", rtol=1e-5, atol=1e-5,
+                     nudge="each query's weights over the keys must sum to 1, the scores are scaled by the width of "
+                           "one query vector, and a padding key (mask False) must get exactly zero weight; the "
+                           "failing case says whether padding was involved.")
 
 
 def _random_cross_attention(seed: int, query_dim: int, context_dim: int, heads: int) -> MultiHeadAttention:
-    with torch.random.fork_rng(devices=[]):  # seeded weights; the learner's random state is left alone
-        torch.manual_seed(seed)
+    with _seeded(seed):  # seeded weights; the learner's random state (CPU and CUDA) is left alone
         attn = MultiHeadAttention(query_dim, heads, context_dim).eval()
         torch.nn.init.normal_(attn.to_out.weight, std=0.3)  # undo the zero init so that every path counts
         torch.nn.init.normal_(attn.to_out.bias, std=0.1)
@@ -87,7 +89,10 @@ def check_cross_attention(fn: Callable) -> Callable:
                      "attn.to_v(context). Split the channels into attn.num_heads heads of width C // num_heads "
                      "((B, L, C) -> (B, heads, L, C/heads)), run your scaled_dot_product_attention per head "
                      "(with the mask), merge the heads back to (B, N, C) and finish with attn.to_out.",
-                     rtol=1e-4, atol=1e-5)
+                     rtol=1e-5, atol=1e-5,
+                     nudge="the queries come from the image tokens, the keys and values from the condition's tokens; "
+                           "the heads split the channels, so fold them into the batch, attend with the mask, and "
+                           "merge them back before the output layer.")
     return fn if used is wrapped else ref_cross_attention
 
 
@@ -128,7 +133,10 @@ def check_condition_dropout(fn: Callable) -> Callable:
                      "drop = u < p_uncond (True with probability p_uncond). A dropped row's context is the null "
                      "token at position 0 and zeros after it (torch.cat([null.expand(B, 1, d), zeros], dim=1)), and "
                      "its mask is True at position 0 only; use torch.where(drop[:, None, None], ...) for the context "
-                     "and torch.where(drop[:, None], ...) for the mask. Rows that are kept stay exactly as they were.")
+                     "and torch.where(drop[:, None], ...) for the mask. Rows that are kept stay exactly as they were.",
+                     nudge="a row is dropped when its u is below p_uncond, and a dropped row must look like an empty "
+                           "condition: the learned null token first, nothing after it, and a mask that shows that one "
+                           "token only; the rows that are kept do not change at all.")
     return fn if used is wrapped else ref_condition_dropout
 
 
@@ -148,7 +156,10 @@ def check_guided_eps(fn: Callable) -> Callable:
     return run_check("7.4", fn, ref_guided_eps, cases,
                      "start from the unconditional prediction and move s times the difference towards the "
                      "conditional one: eps_uncond + scale * (eps_cond - eps_uncond). s = 0 must give eps_uncond, "
-                     "s = 1 eps_cond. (Ho & Salimans write (1 + w) eps_c - w eps_u, which is the same with s = 1 + w.)")
+                     "s = 1 eps_cond. (Ho & Salimans write (1 + w) eps_c - w eps_u, which is the same with s = 1 + w.)",
+                     nudge="start from the unconditional prediction and move along the direction that leads to the "
+                           "conditional one; scale 0 must give back the unconditional prediction exactly and scale 1 "
+                           "the conditional one.")
 
 
 # (exercise, checker, reference) of this lesson, for the tests

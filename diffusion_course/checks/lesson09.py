@@ -1,10 +1,10 @@
 """Checkers of lesson 09_stablesr: the SFT layer, the capture of features by resolution, the ``fea_tran``
 length check and the time-aware encoder's forward pass.
 
-Every checker runs inside ``torch.random.fork_rng``: building its small random networks never changes the
-learner's random state. The networks the learner writes are checked the way the course checks every network
-the lecture draws: the package's weights are loaded into the learner's module (same parameter names) and the
-outputs are compared.
+Every checker leaves the learner's random state alone: its small random networks are seeded from forks of
+the global generator or from generators of their own. The networks the learner writes are checked the way the
+course checks every network the lecture draws: the package's weights are loaded into the learner's module (same
+parameter names) and the outputs are compared.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn.encoder import EncoderUNetModelWT, TimeAwareEncoderConfig, capture_scales, check_fea_tran
 from ..nn.sft import SFTLayer
-from ._runner import Case, _gen
+from ._runner import Case, CaseRejected, _gen, _learners_rng_kept, _seeded
 from .lesson08 import _run_diagnosed
 
 
@@ -36,10 +36,10 @@ def _sft_output(cls: Callable, state: Any, channels: int, cond_channels: int, hi
     if state is not None:
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"the package's SFT weights do not fit your module: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}. Name the parts as the lecture does: `shared` "
-                             f"(nn.Sequential of Conv2d(cond_channels, hidden, 3, padding=1) and SiLU), `to_alpha` "
-                             f"and `to_beta` (Conv2d(hidden, channels, 3, padding=1) each)")
+            raise CaseRejected(f"the package's SFT weights do not fit your module: missing {sorted(missing)}, "
+                               f"unexpected {sorted(unexpected)}. Name the parts as the lecture does: `shared` "
+                               f"(nn.Sequential of Conv2d(cond_channels, hidden, 3, padding=1) and SiLU), "
+                               f"`to_alpha` and `to_beta` (Conv2d(hidden, channels, 3, padding=1) each)")
     with torch.no_grad():
         return layer(F_dif, feature)
 
@@ -57,7 +57,7 @@ def check_sft_layer(cls: Callable) -> Callable:
     give (1 + alpha) * F_dif + beta. Returns the class to use from here on (the learner's, or the package's
     SFTLayer when it is still a stub). Lesson: 09_stablesr."""
     cases = []
-    with torch.random.fork_rng(devices=[]):
+    with _learners_rng_kept():
         for seed, (C, Cc, hid, B, s), fresh in ((91, (8, 6, 5, 2, 4), True), (92, (8, 6, 5, 2, 4), False),
                                                 (93, (4, 3, 7, 3, 6), False), (94, (16, 8, 8, 1, 2), False)):
             g = _gen(seed)
@@ -66,7 +66,8 @@ def check_sft_layer(cls: Callable) -> Callable:
                   "F_dif": torch.randn(B, C, s, s, generator=g) * 2, "feature": torch.randn(B, Cc, s, s, generator=g)}
             label = ("a freshly built layer: it must return F_dif unchanged" if fresh else
                      f"the package's random weights loaded, channels {C}, cond_channels {Cc}, hidden {hid}")
-            cases.append(Case(kw, label))
+            # a fresh layer must give F_dif back bit for bit: the lesson asserts torch.equal right after
+            cases.append(Case(kw, label, **({"rtol": 0.0, "atol": 0.0} if fresh else {})))
 
         def learner(**kw: Any) -> torch.Tensor:
             return _sft_output(cls, **kw)
@@ -89,6 +90,9 @@ def check_sft_layer(cls: Callable) -> Callable:
             [("the 1 is missing: alpha * F_dif + beta", mistake(lambda F, a, b: a * F + b)),
              ("beta is added before the scaling: (1 + alpha) * (F_dif + beta)", mistake(lambda F, a, b: (1 + a) * (F + b))),
              ("alpha and beta are swapped: (1 + beta) * F_dif + alpha", mistake(lambda F, a, b: (1 + b) * F + a))],
+            nudge="the layer predicts a scale and a shift from the condition feature, through one shared trunk and "
+                  "two heads; it modulates F_dif around the identity, so with both heads at zero (as freshly "
+                  "built) it must hand F_dif back unchanged.",
             rtol=1e-4, atol=1e-5)
     return cls if used is learner else SFTLayer
 
@@ -131,7 +135,7 @@ def check_capture_scales(fn: Callable) -> Callable:
     def positions(pick: Callable) -> Callable:
         return lambda path: torch.tensor(pick([h.shape[-2] for h in path]), dtype=torch.long)
 
-    with torch.random.fork_rng(devices=[]):
+    with _learners_rng_kept():
         used = _run_diagnosed(
             "9.2 (capture_scales)", learner, ref_capture_scales_indices, cases,
             "walk along the path; keep path[i] when path[i + 1] has a different height (the map from just before a "
@@ -142,6 +146,8 @@ def check_capture_scales(fn: Callable) -> Callable:
              ("the bottleneck's output is left out",
               positions(lambda s: [i for i in range(len(s) - 1) if s[i + 1] != s[i]])),
              ("every map is kept", positions(lambda s: list(range(len(s)))))],
+            nudge="a map is worth keeping when the next map along the path is smaller (a Downsample follows it), "
+                  "and the bottleneck's output always ends the list; return the path's own tensors, not copies.",
             rtol=0.0, atol=0.0)
     return fn if used is learner else capture_scales
 
@@ -177,7 +183,7 @@ def check_fea_tran_length(fn: Callable) -> Callable:
     def learner(n_blocks: int, sides: List[int]) -> torch.Tensor:
         return _fea_tran_verdict(fn, n_blocks, sides)
 
-    with torch.random.fork_rng(devices=[]):
+    with _learners_rng_kept():
         used = _run_diagnosed(
             "9.3 (check_fea_tran)", learner, ref_fea_tran_verdict, cases,
             "compare len(fea_tran) with len(captured); when they differ, raise ValueError with a message that "
@@ -185,6 +191,8 @@ def check_fea_tran_length(fn: Callable) -> Callable:
             "one fea_tran block per level of channel_mult. Raise nothing when they agree.",
             [("nothing is ever raised", lambda n_blocks, sides: torch.tensor([0.0, 0.0])),
              ("an error is raised even when the counts agree", lambda n_blocks, sides: torch.tensor([1.0, 1.0]))],
+            nudge="the check must raise a ValueError exactly when the two counts differ, with a message that states "
+                  "both numbers so that the reader sees which configuration is off; agreeing counts raise nothing.",
             rtol=0.0, atol=0.0)
     return fn if used is learner else check_fea_tran
 
@@ -194,7 +202,10 @@ def check_fea_tran_length(fn: Callable) -> Callable:
 def _flatten_features(features: Any) -> torch.Tensor:
     """The resolution keys (as numbers) then every feature map, flattened, in the dict's order."""
     if not isinstance(features, dict):
-        raise TypeError(f"the forward pass must return a dict keyed by resolution, got {type(features).__name__}")
+        raise CaseRejected(f"the forward pass must return a dict keyed by resolution, got {type(features).__name__}")
+    if not all(isinstance(k, str) for k in features):
+        raise CaseRejected(f"the keys must be the heights as strings, str(h) ('32', not 32): the U-Net looks its "
+                           f"condition features up by those; got keys {list(features)}")
     keys = torch.tensor([float(k) for k in features], dtype=torch.float32)
     return torch.cat([keys] + [v.detach().float().flatten() for v in features.values()])
 
@@ -212,15 +223,15 @@ def check_encoder_forward(fn: Callable) -> Callable:
     out_channels, h, w)}``, largest resolution first. Returns the function to use (it takes the encoder, x and
     t). Lesson: 09_stablesr."""
     cases = []
-    with torch.random.fork_rng(devices=[]):
+    with _learners_rng_kept():
         for seed, (mult, n_res, attn, size, B) in ((96, ((1, 2, 2), 1, (4,), 16, 2)),
                                                    (97, ((1, 2), 2, (1, 2), 8, 3)),
                                                    (98, ((1, 1, 2, 2), 1, (8,), 16, 1))):
-            torch.manual_seed(seed)
             config = TimeAwareEncoderConfig(image_size=size, in_channels=3, model_channels=8, out_channels=12,
                                             channel_mult=mult, num_res_blocks=n_res, attention_resolutions=attn,
                                             num_heads=2, norm_groups=4)
-            encoder = _randomise(EncoderUNetModelWT(config), seed).eval()
+            with _seeded(seed):
+                encoder = _randomise(EncoderUNetModelWT(config), seed).eval()
             g = _gen(seed)
             x, t = torch.randn(B, 3, size, size, generator=g), torch.randint(0, 1000, (B,), generator=g)
             cases.append(Case({"encoder": encoder, "x": x, "t": t},
@@ -243,7 +254,10 @@ def check_encoder_forward(fn: Callable) -> Callable:
             "check_fea_tran(encoder.fea_tran, captured); return {str(f.shape[-2]): tran(f, emb)} over "
             "zip(captured, encoder.fea_tran). Every block takes the same time embedding.",
             [("the encoder is not told the time step (t = 0 everywhere)", with_t(torch.zeros_like))],
-            rtol=1e-4, atol=1e-5)
+            nudge="follow the encoder's modules in the order the diagram lists them, feeding every block the same "
+                  "time embedding; capture and check with your two functions, and key the result by the heights "
+                  "of the captured maps, as strings, largest first.",
+            rtol=1e-5, atol=1e-6)
     return fn if used is learner else (lambda encoder, x, t: encoder(x, t))
 
 
