@@ -4,8 +4,8 @@ step counts.
 The samplers: DDPM's Algorithm 2 with all T network calls (``--no-ddpm`` skips it), DDIM with eta = 0 at each step
 count of ``--ddim`` (on its own evenly spread grid), and, when ``--dpm`` gives step counts, the second-order
 DPM-Solver++ 2M (``diffusion_course.solvers``) on the grid that ``--spacing`` names (``linspace``, the DDIM grid, by
-default; ``leading`` or ``trailing``). DDIM and DPM-Solver++ 2M both make one network call per step, so a row's
-step count is its cost.
+default; ``leading`` or ``trailing``), and with ``--dpm-sde`` its stochastic form, DPM-Solver++ 2M SDE, on the same
+grid. DDIM and both DPM-Solver++ forms make one network call per step, so a row's step count is its cost.
 
 For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
 measures, with the package's digit classifier (``diffusion_course.metrics``):
@@ -32,6 +32,10 @@ difference between a generated and a real set is where the images came from.
 The Fréchet distance of a finite set is biased upwards, the more the fewer samples there are: on this model the
 floor of real training digits falls from about 2.3 at 64 samples to about 0.7 at 512 (``--fd-sizes``), which is
 larger than the differences between samplers. Compare FDs only at equal sample counts, with several seeds.
+The bias shrinks like 1/n with a slope that depends on the set itself (on its feature covariance), so two samplers
+can swap places as n grows. With two or more ``--fd-sizes`` the script also fits FD(n) = FD_inf + k / n to the
+subsets' FDs by least squares and reports FD_inf, the FD extrapolated to infinitely many samples (Chong & Forsyth,
+"Effectively unbiased FID and Inception Score and where to find them", CVPR 2020), beside the slope k.
 """
 from __future__ import annotations
 
@@ -57,6 +61,18 @@ def parse_steps(text: str) -> List[int]:
     return steps
 
 
+def fd_infinity(by_size: Dict[int, List[float]]) -> Dict[str, float]:
+    """Least-squares fit of FD(n) = fd_inf + slope / n to every subset FD of every size (at least two sizes)."""
+    pairs = [(1.0 / n, v) for n, values in by_size.items() for v in values]
+    if len({x for x, _ in pairs}) < 2:
+        raise ValueError("extrapolating the FD needs subsets of at least two sizes")
+    x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    coef = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
+    return dict(fd_inf=coef[0].item(), slope=coef[1].item())
+
+
 def main(argv: Any = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ddpm_digits16", help="shipped model name or exported folder")
@@ -66,6 +82,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--ddim", type=parse_steps, default=parse_steps("10,25,50,100,250"), help="DDIM step counts")
     p.add_argument("--dpm", type=parse_steps, default=[],
                    help="DPM-Solver++ 2M step counts, e.g. 10,20 (default: none)")
+    p.add_argument("--dpm-sde", type=parse_steps, default=[],
+                   help="DPM-Solver++ 2M SDE step counts (stochastic; e.g. 10,25), on the --spacing grid")
     p.add_argument("--spacing", default="linspace", choices=solvers.SPACINGS,
                    help="time-step grid of DPM-Solver++ 2M (DDIM always uses its linspace grid)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the T-step ancestral sampler")
@@ -74,6 +92,9 @@ def main(argv: Any = None) -> Dict[str, Any]:
                    help="also report the FD of random subsets of these sizes (e.g. 128,256,512) of every sampler's "
                         "samples and of the real training digits: the FD of a finite set is biased upwards, by "
                         "more for fewer samples, so only equal sizes compare")
+    p.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                   help="sample through torch.compile in this mode (reduce-overhead: CUDA graphs on a GPU); the code "
+                        "generation is timed apart, before the timed runs")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.n < 2 or args.seeds < 1 or args.batch < 1:
@@ -82,8 +103,19 @@ def main(argv: Any = None) -> Dict[str, Any]:
     device = torch.device(args.device) if args.device else utils.get_device()
     model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
     size = config["unet"]["image_size"]
-    if max(args.ddim + args.dpm) > diffusion.T:
-        p.error(f"step counts must be at most T = {diffusion.T}, got {max(args.ddim + args.dpm)}")
+    compile_seconds = None
+    if args.compile != "off":  # every sampler calls the network on the same shapes: compile once, before timing
+        model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
+        t0 = time.perf_counter()
+        for start in range(0, args.n, args.batch):  # every batch shape the runs will use
+            diffusion.ddim_sample(model, (min(args.batch, args.n - start), 1, size, size), steps=2, device=device,
+                                  progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        compile_seconds = time.perf_counter() - t0
+        print(f"torch.compile (mode {args.compile}): {compile_seconds:.1f} s of code generation before the timed runs")
+    if max(args.ddim + args.dpm + args.dpm_sde) > diffusion.T:
+        p.error(f"step counts must be at most T = {diffusion.T}, got {max(args.ddim + args.dpm + args.dpm_sde)}")
     to32 = lambda x: data.resize(x.float().cpu(), 32)  # noqa: E731
     train_real = data.get_dataset("digits", image_size=size, split="train").images
     ref = to32(data.get_dataset("digits", image_size=size, split="test").images)
@@ -115,17 +147,21 @@ def main(argv: Any = None) -> Dict[str, Any]:
     for seed in range(args.seeds if args.fd_sizes else 0):
         subset_fds("real train digits", to32_train, seed)
     floor = metrics.real_data_floor(to32_train, ref, clf, n=args.n, repeats=args.seeds, seed=1000)
+    pick = torch.Generator().manual_seed(1000)  # the floor's subsets again (real_data_floor draws them so)
+    floor_shift = [metrics.frechet_terms(to32_train[torch.randperm(len(to32_train), generator=pick)[:args.n]], ref,
+                                         extractor)["mean_term"] for _ in range(args.seeds)]
     rows.append(dict(sampler="real train digits", steps=0, fd=dict(mean=floor["fd"], std=floor["fd_std"]),
-                     confident=dict(mean=floor["confident_share"], std=0.0), seconds=None, images_per_s=None))
+                     mean_term=summary(floor_shift), confident=dict(mean=floor["confident_share"], std=0.0),
+                     seconds=None, images_per_s=None))
     half = metrics.split_half_floor(ref, clf, repeats=5)
     print(f"floor, real train digits: FD {rows[0]['fd']['mean']:.3f} ± {rows[0]['fd']['std']:.3f}; "
           f"split-half of the test split ({half['n_half']} vs {half['n_half']}): {half['fd']:.3f} ± {half['fd_std']:.3f}")
 
-    dpm_name = "DPM-Solver++ 2M"
+    dpm_name, sde_name = "DPM-Solver++ 2M", "DPM-Solver++ 2M SDE"
     runs = (([] if args.no_ddpm else [("DDPM", diffusion.T)]) + [("DDIM", s) for s in args.ddim]
-            + [(dpm_name, s) for s in args.dpm])
+            + [(dpm_name, s) for s in args.dpm] + [(sde_name, s) for s in args.dpm_sde])
     for name, steps in runs:
-        fds, confs, secs = [], [], []
+        fds, confs, secs, shifts = [], [], [], []
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(seed)
             out = []
@@ -136,9 +172,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 shape = (min(args.batch, args.n - start), 1, size, size)
                 if name == "DDPM":
                     out.append(diffusion.sample(model, shape, generator=g, device=device, progress=False))
-                elif name == dpm_name:
+                elif name in (dpm_name, sde_name):
                     out.append(solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps,
-                                                               spacing=args.spacing, generator=g, device=device))
+                                                               spacing=args.spacing, generator=g, device=device,
+                                                               sde=name == sde_name))
                 else:
                     out.append(diffusion.ddim_sample(model, shape, steps=steps, generator=g, device=device,
                                                       progress=False))
@@ -149,35 +186,51 @@ def main(argv: Any = None) -> Dict[str, Any]:
             q = metrics.sample_quality(images, ref, clf, reference_name="digits test split")
             subset_fds(f"{name} {steps}", images, seed)
             fds.append(q["fd"])
+            shifts.append(metrics.frechet_terms(images, ref, extractor)["mean_term"])
             confs.append(q["confident_share"])
-        row = dict(sampler=name, steps=steps, fd=summary(fds), confident=summary(confs),
+        row = dict(sampler=name, steps=steps, fd=summary(fds), mean_term=summary(shifts), confident=summary(confs),
                    seconds=summary(secs), images_per_s=args.n / summary(secs)["mean"])
-        if name == dpm_name:
+        if name in (dpm_name, sde_name):
             row["spacing"] = args.spacing
         rows.append(row)
         print(f"{name:>4} {steps:>5} steps: FD {row['fd']['mean']:.3f} ± {row['fd']['std']:.3f}, confident "
               f"{row['confident']['mean']:.1%}, {row['seconds']['mean']:.2f} s per {args.n} samples "
               f"({row['images_per_s']:.0f} images/s)")
 
-    print("\n| sampler | network calls | FD (mean ± std) | confident | images/s |\n| --- | ---: | ---: | ---: | ---: |")
+    print("\nshift: the FD's mean term |mu_g - mu_test|^2, the part that a systematic difference of every sample makes; "
+          "the rest of the FD is the difference of the spreads")
+    print("\n| sampler | network calls | FD (mean ± std) | shift (mean ± std) | confident | images/s |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         calls = r["steps"] or "-"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
         label = f"{r['sampler']} ({r['spacing']})" if "spacing" in r else r["sampler"]
         print(f"| {label} | {calls} | {r['fd']['mean']:.3f} ± {r['fd']['std']:.3f} | "
-              f"{r['confident']['mean']:.1%} | {ips} |")
+              f"{r['mean_term']['mean']:.3f} ± {r['mean_term']['std']:.3f} | {r['confident']['mean']:.1%} | {ips} |")
+    fd_inf: Dict[str, Dict[str, float]] = {}
     if by_size:
         sizes = [m for m in args.fd_sizes if m <= args.n]
         print("\nFD against the number of samples (mean ± std over 3 random subsets per seed):\n")
-        print("| set | " + " | ".join(f"n = {m}" for m in sizes) + " |\n| --- |" + " ---: |" * len(sizes))
+        extrapolate = len(sizes) >= 2
+        if extrapolate:
+            print("FD_inf: the least-squares fit of FD(n) = FD_inf + k / n over these subsets (Chong & Forsyth 2020)\n")
+        print("| set | " + " | ".join(f"n = {m}" for m in sizes) + (" | FD_inf | k |" if extrapolate else " |"))
+        print("| --- |" + " ---: |" * (len(sizes) + 2 * extrapolate))
         for name, fds in by_size.items():
             cells = [f"{summary(fds[m])['mean']:.3f} ± {summary(fds[m])['std']:.3f}" if m in fds else "-" for m in sizes]
+            if extrapolate and len(fds) >= 2:
+                fit = fd_infinity(fds)
+                fd_inf[name] = fit
+                cells += [f"{fit['fd_inf']:.3f}", f"{fit['slope']:.1f}"]
+            elif extrapolate:
+                cells += ["-", "-"]
             print(f"| {name} | " + " | ".join(cells) + " |")
     result = dict(model=args.model, step=config["step"], device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                   torch=torch.__version__, n=args.n, seeds=args.seeds, n_reference=len(ref),
                   reference="digits test split", split_half=half, rows=rows,
-                  fd_by_size={name: {str(m): summary(v) for m, v in fds.items()} for name, fds in by_size.items()})
+                  fd_by_size={name: {str(m): summary(v) for m, v in fds.items()} for name, fds in by_size.items()},
+                  fd_inf=fd_inf, compile=args.compile, compile_seconds=compile_seconds)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -20,11 +20,24 @@ middle block's attention), GroupNorm groups and eps (1e-6), heads (attention_hea
 and time embedding (sinusoidal, cosines first, 4 x model_channels). The one difference in parameters:
 diffusers' q, k, v projections have biases and ours do not (+0.07% for "small", +0.04% for "medium").
 
-On CUDA both networks run under bf16 autocast. diffusers is optional (``pip install -e ".[bench]"``);
-without it the script says so and measures our U-Net alone.
+On CUDA both networks run under bf16 autocast by default (``--amp``). diffusers is optional
+(``pip install -e ".[bench]"``); without it the script says so and measures our U-Net alone.
+
+``--compile`` measures every network a second time through ``torch.compile`` (mode ``--compile-mode``), so that
+eager and compiled stand side by side for both libraries; the first compiled step (tracing and code generation)
+is timed apart as ``compile s`` and left out of the throughput. ``--channels-last`` runs models and inputs in the
+channels-last memory format.
+
+Work per image is counted once per network with ``torch.utils.flop_counter.FlopCounterMode`` on the eager model:
+two FLOPs per multiply-add of every matrix product and convolution (attention through
+``scaled_dot_product_attention`` included), forward and backward for a training step, forward alone for sampling;
+element-wise work (normalisation, activations, the optimizer) is not counted. Achieved TFLOP/s = that count x
+images/s. On a GPU whose dense bf16/fp16 tensor-core peak is known (``PEAK_TFLOPS``, from NVIDIA's data sheets,
+without sparsity) or given by ``--peak-tflops``, the model FLOPs utilisation (MFU) is achieved / peak.
 
     python benchmarks/bench_unet.py --config small --batch 16 --warmup 2 --iters 5 --rounds 3 --threads 1
     python benchmarks/bench_unet.py --device cuda --config medium --batch 128 --json unet.json
+    python benchmarks/bench_unet.py --device cuda --config medium --batch 256 --compile --compile-mode max-autotune
 """
 from __future__ import annotations
 
@@ -54,6 +67,34 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                    num_heads=4, norm_groups=32),
 }
 T = 1000
+# dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, by a part of the device name
+PEAK_TFLOPS: Dict[str, float] = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+                                 "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
+                                 "T4": 65.0, "V100": 125.0}
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16/fp16 peak of the first ``PEAK_TFLOPS`` entry whose key is part of ``device_name``."""
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, train: bool) -> int:
+    """FLOPs of one forward pass (and its backward when ``train``) of ``model(x, t)``, as FlopCounterMode counts
+    them (matrix products and convolutions, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            model(x, t).float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                model(x, t)
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
 
 
 def diffusers_available() -> bool:
@@ -125,8 +166,16 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def measure(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Time ``iters`` steps of one phase ("train" or "sample") of one network after ``warmup`` steps."""
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``--amp``: auto is bf16 on CUDA and float32 elsewhere."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def measure(name: str, phase: str, args: argparse.Namespace, variant: str = "eager") -> Dict[str, Any]:
+    """Time ``iters`` steps of one phase ("train" or "sample") of one network, eager or compiled, after
+    ``warmup`` steps."""
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,19 +185,26 @@ def measure(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
     if dev.type == "cpu" and not reset_peak_rss():
         raise RuntimeError("measuring CPU memory needs Linux (/proc/self/clear_refs resets the peak RSS)")
     rss_before_model = rss_bytes()  # CPU: the peak is measured from here, so it includes weights and optimizer state
-    model = build(name, args.config, args.image_size).to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build(name, args.config, args.image_size).to(dev, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
-    x0 = torch.randn(args.batch, 1, args.image_size, args.image_size, device=dev)
+    x0 = torch.randn(args.batch, 1, args.image_size, args.image_size, device=dev).contiguous(memory_format=fmt)
     noise = torch.randn_like(x0)
     t = torch.randint(0, T, (args.batch,), device=dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    dtype = amp_dtype(args.amp, dev)
+    flops = count_flops(model, x0[:1], t[:1], train=phase == "train") if variant == "eager" else None
+    net = model
+    if variant == "compiled":
+        net = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode,
+                            backend=args.compile_backend)
+    autocast = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     if phase == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
             with autocast:
-                loss = F.mse_loss(model(x0, t).float(), noise)  # x0 stands in for x_t: the cost is the same
+                loss = F.mse_loss(net(x0, t).float(), noise)  # x0 stands in for x_t: the cost is the same
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -157,9 +213,15 @@ def measure(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
 
         def step():
             with torch.no_grad(), autocast:
-                model(x0, t)
+                net(x0, t)
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    compile_seconds = None
+    if variant == "compiled":  # the first call traces and generates code: timed apart
+        start = time.perf_counter()
+        step()
+        sync()
+        compile_seconds = time.perf_counter() - start
     for _ in range(args.warmup):
         step()
     sync()
@@ -173,8 +235,9 @@ def measure(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
         times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss_bytes() - rss_before_model
-    out = dict(model=name, phase=phase, params=n_params, images_per_s=args.batch / median,
-               mean_images_per_s=args.batch * len(times) / sum(times), step_seconds=times, peak_mem_bytes=int(peak))
+    out = dict(model=name, phase=phase, variant=variant, params=n_params, images_per_s=args.batch / median,
+               mean_images_per_s=args.batch * len(times) / sum(times), step_seconds=times, peak_mem_bytes=int(peak),
+               flops_per_image=flops, compile_seconds=compile_seconds)
     if args.profile and phase == "train":
         from torch.profiler import ProfilerActivity, profile
 
@@ -187,22 +250,22 @@ def measure(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def _child(name: str, phase: str, args: argparse.Namespace, queue) -> None:
+def _child(name: str, phase: str, args: argparse.Namespace, variant: str, queue) -> None:
     try:
-        queue.put(measure(name, phase, args))
+        queue.put(measure(name, phase, args, variant))
     except Exception as e:  # report, do not hang the parent
         queue.put(dict(model=name, phase=phase, error=f"{type(e).__name__}: {e}"))
 
 
-def run_isolated(name: str, phase: str, args: argparse.Namespace) -> Dict[str, Any]:
+def run_isolated(name: str, phase: str, args: argparse.Namespace, variant: str = "eager") -> Dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, phase, args, queue))
+    proc = ctx.Process(target=_child, args=(name, phase, args, variant, queue))
     proc.start()
     result = queue.get()
     proc.join()
     if "error" in result:
-        raise RuntimeError(f"{name} {phase}: {result['error']}")
+        raise RuntimeError(f"{name} {variant} {phase}: {result['error']}")
     return result
 
 
@@ -210,7 +273,7 @@ def mib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32)
@@ -221,6 +284,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole comparison, models alternating, and report the best round (noisy hosts)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each run (0: torch's default)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="autocast dtype (auto: bf16 on CUDA, float32 elsewhere)")
+    p.add_argument("--compile", action="store_true", help="also measure every network through torch.compile")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode (reduce-overhead and max-autotune use CUDA graphs on a GPU)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (inductor generates code; eager only traces, for quick checks)")
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels-last memory format")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS by the GPU's name)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one training step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -228,57 +302,84 @@ def main(argv=None) -> int:
         p.error("--batch, --iters, --rounds and --image-size must be positive, --warmup non-negative")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but CUDA is not available here")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        p.error("--peak-tflops must be positive")
 
     names = ["ours"]
     if diffusers_available():
         names.append("diffusers")
     else:
         print("diffusers is not installed (pip install -e '.[bench]'): benchmarking our U-Net alone.\n")
+    variants = ["eager"] + (["compiled"] if args.compile else [])
 
-    results = [run_isolated(n, ph, args) for _ in range(args.rounds) for n in names for ph in ("train", "sample")]
+    results = [run_isolated(n, ph, args, v) for _ in range(args.rounds) for n in names for v in variants
+               for ph in ("train", "sample")]
+    flops = {(r["model"], r["phase"]): r["flops_per_image"] for r in results if r["flops_per_image"] is not None}
     by = {}
-    for key in {(r["model"], r["phase"]) for r in results}:  # the best round: the one least disturbed
-        runs = [r for r in results if (r["model"], r["phase"]) == key]
+    for key in {(r["model"], r["variant"], r["phase"]) for r in results}:  # the best round: the one least disturbed
+        runs = [r for r in results if (r["model"], r["variant"], r["phase"]) == key]
         best = max(runs, key=lambda r: r["images_per_s"])
         by[key] = dict(best, peak_mem_bytes=max(r["peak_mem_bytes"] for r in runs),
-                       rounds_images_per_s=[round(r["images_per_s"], 1) for r in runs])
+                       rounds_images_per_s=[round(r["images_per_s"], 1) for r in runs],
+                       tflops=best["images_per_s"] * flops[key[0], key[2]] / 1e12)
     dev = torch.device(args.device)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
-    mem_kind = ("torch.cuda.max_memory_allocated, bf16 autocast" if dev.type == "cuda"
-                else "peak RSS (VmHWM, reset before the model is built) minus RSS then, float32")
+    dtype = amp_dtype(args.amp, dev)
+    peak = args.peak_tflops or (peak_tflops(device_name) if dev.type == "cuda" and dtype is not None else None)
+    precision = "float32" if dtype is None else f"{str(dtype).replace('torch.', '')} autocast"
+    mem_kind = ("torch.cuda.max_memory_allocated" if dev.type == "cuda"
+                else "peak RSS (VmHWM, reset before the model is built) minus RSS then")
     print(f"device {args.device} ({device_name}), torch {torch.__version__}, threads "
           f"{args.threads or torch.get_num_threads()}; config {args.config} {CONFIGS[args.config]}; "
-          f"batch {args.batch}, {args.image_size}x{args.image_size}x1, warmup {args.warmup}, iters {args.iters}, "
-          f"rounds {args.rounds}; img/s = batch / median step time, best of the rounds")
-    print(f"memory: {mem_kind}\n")
-    print("| model | parameters | train img/s | sample img/s | train peak MiB | sample peak MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          f"batch {args.batch}, {args.image_size}x{args.image_size}x1, {precision}, "
+          f"{'channels-last' if args.channels_last else 'contiguous'}, warmup {args.warmup}, iters {args.iters}, "
+          f"rounds {args.rounds}; img/s = batch / median step time, best of the rounds"
+          + (f"; compiled: mode {args.compile_mode}, backend {args.compile_backend}" if args.compile else ""))
+    print(f"memory: {mem_kind}; FLOPs: FlopCounterMode (matmuls and convolutions, forward + backward for training)"
+          + (f"; MFU against a peak of {peak:g} TFLOP/s" if peak else "") + "\n")
+    mfu_head = " train MFU | sample MFU |" if peak else ""
+    print("| model | variant | parameters | train img/s | sample img/s | train TFLOP/s | sample TFLOP/s |"
+          f"{mfu_head} train peak MiB | sample peak MiB | compile s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if peak else "") + " ---: | ---: | ---: |")
     for n in names:
-        tr, sa = by[(n, "train")], by[(n, "sample")]
-        label = "ours (diffusion_course.nn.UNet)" if n == "ours" else "diffusers UNet2DModel"
-        print(f"| {label} | {tr['params']:,} | {tr['images_per_s']:,.1f} | {sa['images_per_s']:,.1f} | "
-              f"{mib(tr['peak_mem_bytes'])} | {mib(sa['peak_mem_bytes'])} |")
+        for v in variants:
+            tr, sa = by[(n, v, "train")], by[(n, v, "sample")]
+            label = "ours (diffusion_course.nn.UNet)" if n == "ours" else "diffusers UNet2DModel"
+            mfu = f" {tr['tflops'] / peak:.1%} | {sa['tflops'] / peak:.1%} |" if peak else ""
+            comp = ("-" if tr["compile_seconds"] is None else
+                    f"{tr['compile_seconds']:.0f} / {sa['compile_seconds']:.0f}")
+            print(f"| {label} | {v} | {tr['params']:,} | {tr['images_per_s']:,.1f} | {sa['images_per_s']:,.1f} | "
+                  f"{tr['tflops']:.3g} | {sa['tflops']:.3g} |{mfu} {mib(tr['peak_mem_bytes'])} | "
+                  f"{mib(sa['peak_mem_bytes'])} | {comp} |")
+    gflops = {k: v / 1e9 for k, v in flops.items()}
+    print("\nGFLOP per image: " + "; ".join(f"{n} train {gflops[n, 'train']:.4f}, sample {gflops[n, 'sample']:.4f}"
+                                           for n in names))
     if len(names) == 2:
-        po, pd = by[("ours", "train")]["params"], by[("diffusers", "train")]["params"]
-        print(f"\nparameters: diffusers / ours = {pd / po:.4f} (diffusers' attention has biases on q, k, v; "
+        po, pd = by[("ours", "eager", "train")]["params"], by[("diffusers", "eager", "train")]["params"]
+        print(f"parameters: diffusers / ours = {pd / po:.4f} (diffusers' attention has biases on q, k, v; "
               f"ours has none)")
-        for ph in ("train", "sample"):
-            ratio = by[("ours", ph)]["images_per_s"] / by[("diffusers", ph)]["images_per_s"]
-            rounds = {n: by[(n, ph)]["rounds_images_per_s"] for n in names}
-            print(f"{ph}: ours / diffusers throughput = {ratio:.2f} (img/s per round: ours {rounds['ours']}, "
-                  f"diffusers {rounds['diffusers']})")
-    for r in results[: 2 * len(names)]:  # the first round's profiles
+        for v in variants:
+            for ph in ("train", "sample"):
+                ratio = by[("ours", v, ph)]["images_per_s"] / by[("diffusers", v, ph)]["images_per_s"]
+                rounds = {n: by[(n, v, ph)]["rounds_images_per_s"] for n in names}
+                print(f"{v} {ph}: ours / diffusers throughput = {ratio:.2f} (img/s per round: ours "
+                      f"{rounds['ours']}, diffusers {rounds['diffusers']})")
+    for r in results[: 2 * len(names) * len(variants)]:  # the first round's profiles
         if "profile" in r:
-            print(f"\n{r['model']}: one training step, top operators\n{r['profile']}")
+            print(f"\n{r['model']} ({r['variant']}): one training step, top operators\n{r['profile']}")
+    meta = dict(device=args.device, device_name=device_name, torch=torch.__version__, config=args.config,
+                config_values=CONFIGS[args.config], batch=args.batch, image_size=args.image_size,
+                warmup=args.warmup, iters=args.iters, rounds=args.rounds, memory=mem_kind, precision=precision,
+                channels_last=args.channels_last, compile_mode=args.compile_mode if args.compile else None,
+                compile_backend=args.compile_backend if args.compile else None, peak_tflops=peak)
+    report = dict(meta=meta, results=[{k: v for k, v in r.items() if k != "profile"} for r in results],
+                  best={f"{n} {v} {ph}": {k: by[(n, v, ph)][k] for k in ("images_per_s", "tflops", "peak_mem_bytes")}
+                        for (n, v, ph) in by})
     if args.json:
-        meta = dict(device=args.device, device_name=device_name, torch=torch.__version__, config=args.config,
-                    config_values=CONFIGS[args.config], batch=args.batch, image_size=args.image_size,
-                    warmup=args.warmup, iters=args.iters, rounds=args.rounds, memory=mem_kind)
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=[{k: v for k, v in r.items() if k != "profile"} for r in results]),
-                      f, indent=2)
-    return 0
+            json.dump(report, f, indent=2)
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -49,6 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
     """The command-line parser with every registered command. Lesson: 00_setup."""
     parser = argparse.ArgumentParser(prog="python -m diffusion_course", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", dest="cpu_threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: DIFFUSION_COURSE_THREADS if set, else torch's choice); "
+                             "give each of two jobs on two cores one thread")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, device and run mode").set_defaults(func=_env)
     b = sub.add_parser("build", help="generate the learners' notebooks and the README lesson table")
@@ -61,7 +64,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a command; returns its exit status. Lesson: 00_setup."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    from .utils import set_cpu_threads
+
+    try:
+        set_cpu_threads(args.cpu_threads)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # a damaged checkpoint or weights file: one clear line, no traceback

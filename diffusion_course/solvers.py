@@ -42,6 +42,16 @@ more than 1.7 times the one before it), and extrapolating x0_hat linearly over t
 x0_hat levels off as lambda grows. The ``"trailing"`` grid has no such step. ``lower_order_final=False`` is
 Algorithm 2 verbatim (with the last step to abar = 1 first order, as it must be). Every scalar coefficient is
 computed in float64 and applied to tensors of any dtype.
+
+The stochastic variant (``sde=True``, DPM-Solver++ 2M SDE: Lu et al. 2022 solve the reverse diffusion SDE the same
+way) integrates the same linear part exactly and adds fresh noise at every step but the last:
+
+    x_t = sigma_t / sigma_s e^-h x_s + sqrt(abar_t) (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z,   z ~ N(0, I),
+
+with sigma = sqrt(1 - abar). With D = x0_hat (first order) this is exactly DDIM's step with eta = 1, the ancestral
+step of DDPM on a coarser grid; the second-order D is the same extrapolation as above. Noise keeps correcting the
+errors of earlier steps, which a deterministic solver carries to the end, at the price of needing more steps to
+resolve the noise it adds.
 """
 from __future__ import annotations
 
@@ -54,7 +64,8 @@ from tqdm.auto import tqdm
 from .ddpm import SPACINGS, GaussianDiffusion, Model, Trajectory, timesteps
 from .utils import evaluating
 
-__all__ = ["SPACINGS", "SAMPLERS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "multistep_x0",
+__all__ = ["SPACINGS", "SAMPLERS", "timesteps", "half_log_snr", "dpm_solver_pp_update", "dpm_solver_pp_sde_update",
+           "multistep_x0",
            "dpm_solver_pp_2m_sample", "sample_with"]  # the grids live in ddpm (DDIM uses them too) and are offered here as well
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +106,30 @@ def dpm_solver_pp_update(x_s: torch.Tensor, x0: torch.Tensor, alpha_bar_s: float
     return coef_x * x_s + coef_x0 * x0
 
 
+def dpm_solver_pp_sde_update(x_s: torch.Tensor, x0: torch.Tensor, alpha_bar_s: float, alpha_bar_t: float,
+                             z: torch.Tensor) -> torch.Tensor:
+    """The stochastic step from level s to the later level t with a data estimate ``x0`` and standard normal noise
+    ``z`` (all ``(B, ...)``):
+
+        x_t = sigma_t / sigma_s e^-h x_s + sqrt(abar_t) (1 - e^-2h) x0 + sigma_t sqrt(1 - e^-2h) z,
+
+    sigma = sqrt(1 - abar), h = lambda_t - lambda_s. With ``x0 = x0_hat(x_s)`` it is DDIM's step with eta = 1. At
+    ``alpha_bar_t = 1`` it returns ``x0``. Lesson: 03_training_and_sampling.
+    """
+    if not (x_s.shape == x0.shape == z.shape):
+        raise ValueError(f"x_s, x0 and z must share a shape, got {tuple(x_s.shape)}, {tuple(x0.shape)}, "
+                         f"{tuple(z.shape)}")
+    alpha_bar_s, alpha_bar_t = float(alpha_bar_s), float(alpha_bar_t)
+    h = half_log_snr(alpha_bar_t) - half_log_snr(alpha_bar_s)
+    if not h > 0:
+        raise ValueError(f"a step must go towards the data (abar_t > abar_s), got abar_s = {alpha_bar_s}, "
+                         f"abar_t = {alpha_bar_t}")
+    sigma_s, sigma_t = math.sqrt(1.0 - alpha_bar_s), math.sqrt(1.0 - alpha_bar_t)
+    one_minus_e2h = -math.expm1(-2.0 * h)                             # 1 - e^-2h; 1 at the data
+    coef_x = sigma_t / sigma_s * math.exp(-h)                          # 0 at the data
+    return coef_x * x_s + math.sqrt(alpha_bar_t) * one_minus_e2h * x0 + sigma_t * math.sqrt(one_minus_e2h) * z
+
+
 def multistep_x0(x0_hat: torch.Tensor, x0_hat_prev: torch.Tensor, h: float, h_prev: float) -> torch.Tensor:
     """DPM-Solver++ 2M's data estimate for a step of size h (in lambda) from the current estimate and the one
     of the previous step, h_prev before it: with r = h_prev / h,
@@ -132,8 +167,11 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
                             x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                             device: Optional[Union[str, torch.device]] = None, progress: bool = False,
                             model_kwargs: Optional[Dict[str, Any]] = None, return_trajectory: bool = False,
-                            lower_order_final: bool = True) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
-    """Sample with DPM-Solver++ 2M (Lu et al. 2022, Algorithm 2): ``steps`` network calls, deterministic given x_T.
+                            lower_order_final: bool = True, sde: bool = False
+                            ) -> Union[torch.Tensor, Tuple[torch.Tensor, Trajectory]]:
+    """Sample with DPM-Solver++ 2M (Lu et al. 2022, Algorithm 2): ``steps`` network calls, deterministic given x_T;
+    with ``sde`` the stochastic DPM-Solver++ 2M SDE (:func:`dpm_solver_pp_sde_update`), whose fresh noise at every
+    step but the last is drawn from ``generator`` after x_T (on the device of x).
 
     Used like :meth:`GaussianDiffusion.ddim_sample`: ``model(x_t, t, **model_kwargs) -> eps_theta`` (any
     callable; an ``nn.Module`` is put in eval mode while sampling and back in training mode after), x_T drawn
@@ -153,12 +191,13 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
                         "call dpm_solver_pp_2m_sample(diffusion, model, shape, ...)")
     seq = timesteps(diffusion.T, steps, spacing)
     clip = diffusion.clip_x0 if clip_x0 is None else bool(clip_x0)
+    name = f"DPM-Solver++ 2M{' SDE' if sde else ''} ({steps} steps)"
     with evaluating(model):
         x = diffusion._start(model, shape, x_T, generator, device)
         frames, times = ([x.cpu()] if return_trajectory else []), [diffusion.T]
         x0_prev: Optional[torch.Tensor] = None
         h_prev = math.nan
-        for k, t in enumerate(tqdm(seq, desc=f"DPM-Solver++ 2M ({steps} steps)", disable=not progress, leave=False)):
+        for k, t in enumerate(tqdm(seq, desc=name, disable=not progress, leave=False)):
             t_next = seq[k + 1] if k + 1 < len(seq) else -1  # -1: the data, abar = 1
             alpha_bar_s = float(diffusion.alpha_bar[t])
             alpha_bar_t = float(diffusion.alpha_bar[t_next]) if t_next >= 0 else 1.0
@@ -170,7 +209,11 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
                 d = x0_hat
             else:
                 d = multistep_x0(x0_hat, x0_prev, h, h_prev)
-            x = dpm_solver_pp_update(x, d, alpha_bar_s, alpha_bar_t)
+            if sde and t_next >= 0:
+                z = diffusion._randn(x.shape, like=x, generator=generator)
+                x = dpm_solver_pp_sde_update(x, d, alpha_bar_s, alpha_bar_t, z)
+            else:
+                x = dpm_solver_pp_update(x, d, alpha_bar_s, alpha_bar_t)
             x0_prev, h_prev = x0_hat, h
             if return_trajectory:
                 frames.append(x.cpu())
@@ -184,8 +227,8 @@ def dpm_solver_pp_2m_sample(diffusion: GaussianDiffusion, model: Model, shape: S
 # One entry point for every sampler of the course
 # ----------------------------------------------------------------------------------------------
 
-SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
-DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
+SAMPLERS = ("ddim", "ddpm", "dpmpp2m", "dpmpp2m_sde")
+DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20, "dpmpp2m_sde": 25}
 
 
 def sample_with(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int], sampler: str = "ddim",
@@ -194,8 +237,8 @@ def sample_with(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int]
                 model_kwargs: Optional[Dict[str, Any]] = None, x_T: Optional[torch.Tensor] = None,
                 spacing: str = "linspace") -> torch.Tensor:
     """Samples ``shape`` with the sampler named ``sampler``: ``"ddim"`` (``steps`` calls, default 50, with
-    ``eta``), ``"ddpm"`` (Algorithm 2, all T steps: ``steps`` must be None or T) or ``"dpmpp2m"`` (DPM-Solver++
-    2M, ``steps`` calls, default 20, deterministic). The trainer's sample grids, ``sample_images``, latent
+    ``eta``), ``"ddpm"`` (Algorithm 2, all T steps: ``steps`` must be None or T), ``"dpmpp2m"`` (DPM-Solver++
+    2M, ``steps`` calls, default 20, deterministic) or ``"dpmpp2m_sde"`` (its stochastic form, default 25). The trainer's sample grids, ``sample_images``, latent
     diffusion and ``python -m diffusion_course sample --sampler`` all sample through here. Lesson:
     03_training_and_sampling."""
     common = dict(generator=generator, device=device, progress=progress, model_kwargs=model_kwargs, x_T=x_T)
@@ -211,4 +254,9 @@ def sample_with(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int]
             raise ValueError(f"DPM-Solver++ 2M solves the deterministic ODE: eta must be 0, got {eta}")
         return dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps or DEFAULT_STEPS["dpmpp2m"],
                                        spacing=spacing, **common)
+    if sampler == "dpmpp2m_sde":
+        if eta:
+            raise ValueError(f"DPM-Solver++ 2M SDE sets its own noise: eta must be 0, got {eta}")
+        return dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps or DEFAULT_STEPS["dpmpp2m_sde"],
+                                       spacing=spacing, sde=True, **common)
     raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")

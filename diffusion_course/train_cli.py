@@ -52,10 +52,13 @@ TRAIN_HELP = {
     "sample_every": "write a sample grid every this many steps (0: only at the end)",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "n_samples": "images in each sample grid",
-    "sampler": "sampler of the grids: ddim, ddpm or dpmpp2m",
+    "sampler": "sampler of the grids: ddim, ddpm, dpmpp2m or dpmpp2m_sde",
     "sample_steps": "DDIM steps of the grids",
     "out": "run folder for checkpoints and sample grids (with --resume: defaults to the resumed folder)",
-    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off",
+    "amp": "mixed precision: auto (on CUDA the faster of bf16/fp16 autocast and float32, measured and printed; "
+           "off elsewhere), bf16, fp16 or off",
+    "compile": "torch.compile the denoiser: off, default, reduce-overhead or max-autotune (code generation takes "
+               "a minute or more at the start)",
     "device": "cpu, cuda, cuda:1, mps (default: the best available)",
     "progress": "show a progress bar",
     "condition": "none (unconditional), class, caption or layout (the last two: shapes only)",
@@ -107,7 +110,8 @@ def _add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("sample", help="write a PNG grid of samples from a trained run")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run folder written by `train`")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (few steps, default 50), ddpm (all T steps) or dpmpp2m (DPM-Solver++ 2M, default 20)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (few steps, default 50), ddpm (all T steps), dpmpp2m (DPM-Solver++ 2M, "
+                                                                       "default 20) or dpmpp2m_sde (its stochastic form, default 25)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50); DDPM always takes T")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")

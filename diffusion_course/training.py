@@ -40,10 +40,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -69,9 +70,11 @@ from .viz import make_grid
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+COMPILE_BACKEND = "inductor"  # torch.compile's code generator; "eager" only traces (the tests use it: it is quick)
 # settings a resumed run may change, because they do not change what the model learns
 RESUMABLE = ("steps", "sample_every", "checkpoint_every", "n_samples", "sampler", "sample_steps", "out", "amp",
-             "device", "progress", "guidance_scale")
+             "compile", "device", "progress", "guidance_scale")
 
 
 @dataclass
@@ -81,7 +84,12 @@ class TrainConfig(ConfigDict):
     ``batch_size`` is the global batch, split evenly over the processes of a multi-GPU run.
     ``grad_clip = 0`` turns clipping off; ``sample_every = 0`` / ``checkpoint_every = 0`` write sample grids /
     checkpoints only when :meth:`Trainer.train` returns; ``out = None`` writes nothing. ``amp`` is one of
-    ``auto``, ``bf16``, ``fp16``, ``off``; ``device = None`` picks the best one. ``image_size = None`` takes
+    ``auto``, ``bf16``, ``fp16``, ``off``: ``auto`` on a CUDA GPU times a few training steps of this network in
+    bf16 (or fp16) autocast and in float32 and keeps the faster (:func:`measure_amp`; small networks are
+    launch-bound and often faster in float32), and is float32 elsewhere. ``compile`` runs the denoiser through
+    ``torch.compile`` in one of its modes (``default``, ``reduce-overhead``, ``max-autotune``; ``off`` by default:
+    the first steps then wait for code generation, about a minute for the digits U-Net on a 2-core CPU, which pays
+    only in long runs). ``device = None`` picks the best one. ``image_size = None`` takes
     the data's own size. ``condition`` is ``none`` (unconditional), ``class``, ``caption`` or ``layout``
     (lesson 07); ``p_uncond`` is the probability of training a condition as the null condition, and
     ``guidance_scale`` the classifier-free guidance scale of the sample grids. ``autoencoder`` (a shipped
@@ -115,6 +123,7 @@ class TrainConfig(ConfigDict):
     sample_steps: int = 50
     out: Optional[str] = None
     amp: str = "auto"
+    compile: str = "off"
     device: Optional[str] = None
     progress: bool = True
     condition: str = "none"
@@ -159,6 +168,8 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(sorted(SCHEDULES))}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.sample_steps > self.T:
@@ -192,6 +203,62 @@ def select_amp(device: Union[str, torch.device], amp: str = "auto",
     if amp == "fp16" or (amp == "auto" and not bf16_supported):
         return torch.float16
     return torch.bfloat16
+
+
+def measure_amp(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
+                model_kwargs: Optional[Dict[str, Any]] = None,
+                candidates: Sequence[Optional[torch.dtype]] = (torch.bfloat16, None), warmup: int = 2,
+                iters: int = 5, dist_info: Any = None) -> Tuple[Optional[torch.dtype], Dict[str, float]]:
+    """Time a training step's forward and backward pass (L_simple on ``x0``, ``(B, C, S, S)`` on the model's
+    device) under each autocast dtype of ``candidates`` (``None``: float32) and return the fastest with the median
+    seconds of each, keyed by name (``bfloat16``, ``float16``, ``float32``). It works on a copy of ``model`` with
+    its own random numbers, so the model, its gradients and every generator of the caller are left as they were.
+    Under a multi-process run every process gets the mean of all processes' times, so all of them pick the same.
+    The trainer calls it for ``amp="auto"`` on a CUDA GPU. Lesson: 04_unet.
+    """
+    if not candidates or warmup < 0 or iters < 1:
+        raise ValueError("measure_amp needs at least one candidate, warmup >= 0 and iters >= 1")
+    device = x0.device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout draws from the global generators: give them back
+        medians = _time_precisions(copy.deepcopy(model).train(), diffusion, x0, model_kwargs, candidates, warmup,
+                                   iters)
+    if dist_info is not None:
+        medians = [mean_over_processes(torch.tensor(m, device=device), dist_info) for m in medians]
+    fastest = min(range(len(candidates)), key=medians.__getitem__)
+    return candidates[fastest], {dtype_name(d): m for d, m in zip(candidates, medians)}
+
+
+def _time_precisions(probe: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
+                     model_kwargs: Optional[Dict[str, Any]], candidates: Sequence[Optional[torch.dtype]],
+                     warmup: int, iters: int) -> List[float]:
+    device = x0.device
+    generator = torch.Generator(device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    medians: List[float] = []
+    for dtype in candidates:
+        def step() -> None:
+            with (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+                loss = diffusion.L_simple(probe, x0, model_kwargs=model_kwargs, generator=generator)
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(iters):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        medians.append(sorted(times)[len(times) // 2])
+    return medians
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``bfloat16``, ``float16``, ... for an autocast dtype; ``float32`` for None (no autocast). Lesson: 04_unet."""
+    return str(dtype or torch.float32).replace("torch.", "")
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
@@ -260,8 +327,9 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
                   cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                   x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
-    default 50), DDPM's Algorithm 2 (all T steps) or DPM-Solver++ 2M (``"dpmpp2m"``, default 20), with the noise drawn from a generator seeded by ``seed``
-    (or starting from ``x_T``).
+    default 50), DDPM's Algorithm 2 (all T steps), DPM-Solver++ 2M (``"dpmpp2m"``, default 20) or its stochastic
+    form (``"dpmpp2m_sde"``, default 25), with the noise drawn from a generator seeded by ``seed`` (or starting from
+    ``x_T``).
 
     A conditional model (:class:`~diffusion_course.nn.ConditionalDenoiser`) takes ``cond``, one condition per
     image, and samples with classifier-free guidance of scale ``guidance_scale`` (1: the plain conditional
@@ -388,9 +456,6 @@ class Trainer:
         if c.autoencoder is not None:  # what samples: the autoencoder and the EMA denoiser
             self.latent = LatentDiffusion(autoencoder, self.ema, self.diffusion, scale_factor, c.spatial, num_classes)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.amp_dtype = select_amp(self.device, c.amp)
-        self.scaler = torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
-                                           enabled=self.amp_dtype == torch.float16)
         # every random number of the loop comes from these generators (one set per process): on the CPU, two;
         # on a GPU the loss's t and eps are drawn there by a third, so that no step copies noise from the host
         self.data_generator = torch.Generator().manual_seed(stream_seed(c.seed, self.dist.rank, 0))
@@ -400,6 +465,16 @@ class Trainer:
             self.loss_generator = torch.Generator(self.device).manual_seed(stream_seed(c.seed, self.dist.rank, 3))
         extras = tuple(x for x in (cond, semantic) if x is not None)
         self.batches = random_batches(data, c.batch_size // world, *extras, generator=self.data_generator)
+        self.amp_dtype = select_amp(self.device, c.amp)
+        self.amp_seconds: Dict[str, float] = {}  # what amp="auto" measured on a GPU, by dtype
+        self._probe_batch = [x[: c.batch_size // world] for x in (data, *extras)]  # what measure_amp times
+        if c.amp == "auto" and self.device.type == "cuda":  # the faster of autocast and float32 for this network
+            self.amp_dtype, self.amp_seconds = self.choose_amp((self.amp_dtype, None))
+        self.scaler = torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
+                                           enabled=self.amp_dtype == torch.float16)
+        if c.compile != "off":  # the loss calls the compiled network; weights, EMA and checkpoints stay the module's
+            self.net = torch.compile(self.net, mode=None if c.compile == "default" else c.compile,
+                                     backend=COMPILE_BACKEND)
         # the conditions of the sample grids: every class in turn, or the first conditions of the data
         self.sample_cond: Optional[torch.Tensor] = None
         if cond is not None:
@@ -422,6 +497,36 @@ class Trainer:
         w = self.config.warmup_steps
         return self.config.lr * min(1.0, (step + 1) / w) if w else self.config.lr
 
+    def choose_amp(self, candidates: Sequence[Optional[torch.dtype]]
+                   ) -> Tuple[Optional[torch.dtype], Dict[str, float]]:
+        """The fastest autocast dtype of ``candidates`` (None: float32) for one training step of this network on
+        the first batch of the data (:func:`measure_amp`), with the seconds of each, printed on the main process.
+        The trainer's model, generators and data stream are left as they were. Lesson: 04_unet."""
+        x0, *rest = [x.to(self.device) for x in self._probe_batch]
+        kwargs = self._model_kwargs(x0, rest, torch.Generator().manual_seed(0))
+        dtype, seconds = measure_amp(self.model, self.diffusion, x0, kwargs or None, candidates, dist_info=self.dist)
+        if self.dist.is_main:
+            timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items())
+            print(f"mixed precision (amp='auto'): one step's forward and backward took {timings}; training in "
+                  f"{dtype_name(dtype)}")
+        return dtype, seconds
+
+    def _model_kwargs(self, x0: torch.Tensor, rest: List[torch.Tensor], generator: torch.Generator
+                      ) -> Dict[str, Any]:
+        """The denoiser's keyword arguments for a batch ``x0`` with the rest of its batch (the conditions, the
+        semantic maps), drawing condition dropout and inpainting holes from ``generator``."""
+        c = self.config
+        kwargs: Dict[str, Any] = {}
+        if self.conditioner_config is not None:  # the condition, dropped to the null one with probability p_uncond
+            kwargs = {"cond": rest.pop(0).to(self.device, non_blocking=True),
+                      "drop": condition_dropout(x0.shape[0], c.p_uncond, generator, self.device)}
+        if c.spatial == "semantic":  # (B, K, h, w), stacked onto z_t
+            kwargs["concat"] = rest.pop(0).to(self.device, non_blocking=True)
+        elif c.spatial == "inpaint":  # a fresh random hole in each latent; the rest is known
+            keep = random_keep_masks(x0.shape[0], x0.shape[-1], generator, p_hide_all=c.p_hide_all).to(self.device)
+            kwargs["concat"] = inpaint_condition(x0, keep)
+        return kwargs
+
     def train_step(self) -> float:
         """One optimizer step on a fresh batch ``(B, C, S, S)``; returns the loss (averaged over processes).
         A NaN or infinite loss raises FloatingPointError before the weights change. Lesson: 04_unet."""
@@ -430,16 +535,7 @@ class Trainer:
         batch = next(self.batches)
         batch = list(batch) if isinstance(batch, tuple) else [batch]
         x0 = batch.pop(0).to(self.device, non_blocking=True)  # (B / world, C, S, S): images, or latents z_0
-        kwargs: Dict[str, Any] = {}
-        if self.conditioner_config is not None:  # the condition, dropped to the null one with probability p_uncond
-            kwargs = {"cond": batch.pop(0).to(self.device, non_blocking=True),
-                      "drop": condition_dropout(x0.shape[0], c.p_uncond, self.noise_generator, self.device)}
-        if c.spatial == "semantic":  # (B, K, h, w), stacked onto z_t
-            kwargs["concat"] = batch.pop(0).to(self.device, non_blocking=True)
-        elif c.spatial == "inpaint":  # a fresh random hole in each latent; the rest is known
-            keep = random_keep_masks(x0.shape[0], x0.shape[-1], self.noise_generator,
-                                     p_hide_all=c.p_hide_all).to(self.device)
-            kwargs["concat"] = inpaint_condition(x0, keep)
+        kwargs = self._model_kwargs(x0, batch, self.noise_generator)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None

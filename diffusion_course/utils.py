@@ -104,6 +104,40 @@ def by_mode(quick: Dict[str, Any], default: Dict[str, Any], gpu: Optional[Dict[s
     return cfg
 
 
+THREADS_ENV = "DIFFUSION_COURSE_THREADS"
+
+
+def cpu_threads() -> int:
+    """The number of CPU threads for torch: ``DIFFUSION_COURSE_THREADS`` when it is set (a positive integer), else
+    torch's own choice (one per physical core it may use). One job alone runs fastest with every core; two jobs on
+    one machine should split the cores between them (``DIFFUSION_COURSE_THREADS=1`` for each of two jobs on two
+    cores): when both ask for every core, each one's threads wait at every parallel step for threads the other has
+    pushed off the cores. ``benchmarks/bench_threads.py`` measures both cases. Lesson: 00_setup.
+    """
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return torch.get_num_threads()
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {text!r}")
+    return n
+
+
+def set_cpu_threads(n: Optional[int] = None) -> int:
+    """Give torch ``n`` CPU threads (default :func:`cpu_threads`) and return that number. Every command of
+    ``python -m diffusion_course`` and :func:`env_report` call it, so ``DIFFUSION_COURSE_THREADS`` reaches the
+    lessons and the command line alike. Lesson: 00_setup."""
+    n = cpu_threads() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of CPU threads must be a positive integer, got {n!r}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def in_colab() -> bool:
     """True inside a Google Colab runtime. Lesson: 00_setup."""
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
@@ -123,6 +157,7 @@ def env_report(print_report: bool = True) -> Dict[str, str]:
         "diffusion_course": diffusion_course.__version__,
         "device": str(device),
         "run mode": run_mode(),
+        "cpu threads": str(set_cpu_threads()),
         "colab": str(in_colab()),
     }
     if device.type == "cuda":

@@ -24,6 +24,7 @@ def test_bench_samplers_measures_every_sampler_and_the_floor(tmp_path):
     assert [r["sampler"] for r in rows] == ["real train digits", "DDIM", "DDIM"] and rows[2]["steps"] == 4
     assert result["n"] == 12 and result["n_reference"] == 359 and result["step"] == 6000
     assert all(r["fd"]["mean"] > 0 for r in rows) and rows[1]["images_per_s"] > 0
+    assert all(0 < r["mean_term"]["mean"] < r["fd"]["mean"] for r in rows)  # the shift is a part of the FD
 
 
 def test_bench_samplers_reports_fd_against_the_sample_size(one_thread):
@@ -36,6 +37,11 @@ def test_bench_samplers_reports_fd_against_the_sample_size(one_thread):
     assert all(v["mean"] > 0 and v["std"] >= 0 for d in sizes.values() for v in d.values())
     # the full set of 12 is its own only subset: every repeat gives the FD of the sampler's row for that seed
     assert sizes["DDIM 2"]["12"]["mean"] == pytest.approx(result["rows"][1]["fd"]["mean"], rel=1e-6)
+    assert set(result["fd_inf"]) == {"real train digits", "DDIM 2"}
+    fit = load("bench_samplers").fd_infinity({100: [1.5 + 40 / 100] * 2, 400: [1.5 + 40 / 400], 50: [1.5 + 40 / 50]})
+    assert fit["fd_inf"] == pytest.approx(1.5) and fit["slope"] == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="two sizes"):
+        load("bench_samplers").fd_infinity({100: [1.0, 2.0]})
 
 
 def test_bench_samplers_runs_dpm_solver_beside_ddim(tmp_path, one_thread):
@@ -54,6 +60,11 @@ def test_bench_samplers_runs_dpm_solver_beside_ddim(tmp_path, one_thread):
         trailing = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "2",
                                                 "--dpm", "3", "--spacing", "trailing", "--no-ddpm"])
     assert trailing["rows"][2]["spacing"] == "trailing" and trailing["rows"][2]["fd"]["mean"] > 0
+    with pytest.warns(UserWarning, match="fewer samples"):
+        sde = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "3",
+                                           "--dpm-sde", "3", "--no-ddpm"])
+    assert [(r["sampler"], r["steps"]) for r in sde["rows"][1:]] == [("DDIM", 3), ("DPM-Solver++ 2M SDE", 3)]
+    assert sde["rows"][2]["fd"]["mean"] > 0 and sde["rows"][2]["spacing"] == "linspace"
 
 
 def test_bench_samplers_rejects_bad_arguments():
@@ -192,3 +203,71 @@ def test_bench_sr_scores_bicubic_models_and_the_step_sweep_on_the_same_patches(t
         bench.run(["--models", str(stablesr), "--n", "0"])
     with pytest.raises(SystemExit):
         bench.run(["--models", str(stablesr), "--step-sweep", "0,5"])
+
+
+def test_bench_threads_times_concurrent_processes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its processes are spawned: they import it by name
+    bench = importlib.import_module("bench_threads")
+    out = tmp_path / "t.json"
+    rows = bench.main(["--procs", "2", "--threads", "1", "--seconds", "0.3", "--batch", "2",
+                                       "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["procs"], r["threads"], len(r["per_process"])) for r in rows] == [(2, 1, 2)]
+    assert all(v > 0 for v in rows[0]["per_process"]) and rows[0]["total"] == pytest.approx(sum(rows[0]["per_process"]))
+    with pytest.raises(SystemExit):
+        bench.main(["--procs", "0"])
+
+
+def test_bench_unet_counts_flops_and_measures_eager_and_compiled(one_thread):
+    import argparse
+
+    import torch
+
+    bench = load("bench_unet")
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+
+    class Net(torch.nn.Module):  # the (x, t) signature the script calls
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    x, t = torch.randn(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)
+    forward = 2 * 4 * 1 * 9 * 64                              # 2 FLOPs per multiply-add, 4 outputs of 9 taps each
+    assert bench.count_flops(Net(), x, t, train=False) == forward
+    assert bench.count_flops(Net(), x, t, train=True) == 2 * forward   # + the weight gradient (no input gradient)
+    assert conv.weight.grad is None                            # counting leaves no gradients behind
+    assert bench.peak_tflops("NVIDIA H200") == 989.4 and bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("cpu") is None
+    args = argparse.Namespace(threads=0, device="cpu", config="small", image_size=8, batch=2, channels_last=True,
+                              amp="off", compile_mode="default", compile_backend="eager", warmup=0, iters=2,
+                              profile=False)
+    eager = bench.measure("ours", "train", args)
+    compiled = bench.measure("ours", "sample", args, variant="compiled")
+    assert eager["variant"] == "eager" and eager["flops_per_image"] > 0 and eager["compile_seconds"] is None
+    assert compiled["variant"] == "compiled" and compiled["compile_seconds"] > 0 and compiled["flops_per_image"] is None
+    assert min(eager["images_per_s"], compiled["images_per_s"]) > 0 and len(eager["step_seconds"]) == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--peak-tflops", "0"])
+
+
+def test_bench_samplers_samples_through_torch_compile(monkeypatch, one_thread):
+    import torch
+
+    real_compile = torch.compile
+    modes = []
+
+    def traced_only(model, mode=None):  # dynamo without code generation: the wiring, in seconds
+        modes.append(mode)
+        return real_compile(model, backend="eager")
+
+    args = ["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "3", "--no-ddpm"]
+    with pytest.warns(UserWarning, match="fewer samples"):
+        plain = load("bench_samplers").main(args)
+    monkeypatch.setattr(torch, "compile", traced_only)
+    with pytest.warns(UserWarning, match="fewer samples"):
+        compiled = load("bench_samplers").main(args + ["--compile", "reduce-overhead"])
+    assert modes == ["reduce-overhead"] and compiled["compile_seconds"] > 0 and plain["compile_seconds"] is None
+    assert compiled["rows"][1]["fd"]["mean"] == pytest.approx(plain["rows"][1]["fd"]["mean"], rel=1e-4)

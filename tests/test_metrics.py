@@ -192,3 +192,18 @@ def test_one_epoch_of_training_learns_something_and_the_command_is_registered():
 
     args = make_parser().parse_args(["train-classifier", "--image-size", "16", "--out", "x"])
     assert args.func is metrics._train_cli and args.image_size == 16
+
+
+def test_frechet_terms_split_the_fd_into_a_shift_and_a_spread():
+    rng = np.random.default_rng(7)
+    d = 6
+    a = rng.standard_normal((400, d)) @ rng.standard_normal((d, d))
+    b = rng.standard_normal((300, d)) * rng.uniform(0.5, 2.0, d)
+    terms = metrics.frechet_terms(torch.from_numpy(b), torch.from_numpy(a), Identity(d))
+    assert terms["fd"] == pytest.approx(frechet_numpy(a, b), rel=1e-6)        # the same FD, by another route
+    assert terms["mean_term"] == pytest.approx(float(((a.mean(0) - b.mean(0)) ** 2).sum()), rel=1e-10)
+    assert terms["cov_term"] > 0
+    shifted = metrics.frechet_terms(torch.from_numpy(a + 3.0), torch.from_numpy(a), Identity(d))
+    assert shifted["mean_term"] == pytest.approx(9.0 * d) and abs(shifted["cov_term"]) < 1e-6  # a pure shift
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.frechet_terms(torch.from_numpy(a[:1]), torch.from_numpy(a), Identity(d))

@@ -397,3 +397,41 @@ def test_one_step_starts_at_the_noisiest_level():
     out = d.ddim_sample(model, (2, 3), steps=1, x_T=x_T, progress=False)
     assert seen == [99]
     assert torch.allclose(out, x_T / d.sqrt_alpha_bar[99].float())  # x0_hat with eps = 0
+
+
+# -- the stochastic form: DPM-Solver++ 2M SDE ------------------------------------------------------------
+
+def test_first_order_sde_update_is_the_ddim_step_with_eta_one():
+    g = torch.Generator().manual_seed(3)
+    x, x0, z = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    ab_s, ab_t = 0.2, 0.7
+    eps = (x - math.sqrt(ab_s) * x0) / math.sqrt(1 - ab_s)
+    s = math.sqrt((1 - ab_t) / (1 - ab_s)) * math.sqrt(1 - ab_s / ab_t)          # DDIM's sigma with eta = 1
+    ddim = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t - s * s) * eps + s * z
+    torch.testing.assert_close(solvers.dpm_solver_pp_sde_update(x, x0, ab_s, ab_t, z), ddim, rtol=0, atol=1e-12)
+    assert torch.equal(solvers.dpm_solver_pp_sde_update(x, x0, ab_s, 1.0, z), x0)
+    with pytest.raises(ValueError, match="towards the data"):
+        solvers.dpm_solver_pp_sde_update(x, x0, ab_t, ab_s, z)
+    with pytest.raises(ValueError, match="share a shape"):
+        solvers.dpm_solver_pp_sde_update(x, x0, ab_s, ab_t, z[:, :2])
+
+
+def test_sde_sampler_matches_ddim_eta_one_where_both_are_first_order_and_is_seeded():
+    diffusion = ddpm.GaussianDiffusion("linear", T=100)
+    model = toy_model(100).float()  # x_T comes from the generator in float32
+    shape = (64, 2)
+    # two steps: the first has no history and the last goes to the data, so both are first order, and both samplers
+    # draw x_T and then one step's noise from the generator in the same order
+    ours = solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=2, sde=True,
+                                           generator=torch.Generator().manual_seed(5))
+    ddim = diffusion.ddim_sample(model, shape, steps=2, eta=1.0, generator=torch.Generator().manual_seed(5),
+                                 progress=False)
+    torch.testing.assert_close(ours, ddim, rtol=1e-6, atol=1e-5)  # float32 sums in another order
+    run = lambda seed: solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
+    ode = solvers.sample_with(diffusion, model, shape, "dpmpp2m", 10, generator=torch.Generator().manual_seed(1))
+    assert (a - ode).abs().max() > 1e-3                                           # the noise changes the samples
+    with pytest.raises(ValueError, match="eta must be 0"):
+        solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=0.5)

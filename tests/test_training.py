@@ -374,3 +374,63 @@ def test_mixed_precision_path_and_scaler_state_survive_a_checkpoint(images, tmp_
     resumed = mixed(Trainer(*tiny(), images))
     resumed.load(tmp_path)
     assert resumed.scaler.get_scale() == scale and resumed.step == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation and the measured choice of precision
+# ----------------------------------------------------------------------------------------------
+
+def test_a_compiled_trainer_learns_what_the_eager_one_learns_and_saves_the_plain_weights(images, tmp_path,
+                                                                                          monkeypatch):
+    from diffusion_course import training
+
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "eager")  # dynamo traces the network; no code generation
+    eager = Trainer(*tiny(steps=6), images)
+    compiled = Trainer(*tiny(steps=6, compile="default", out=str(tmp_path)), images)
+    assert compiled.net is not compiled.model and hasattr(compiled.net, "_orig_mod")
+    # the same batches, noise and dropout: every loss after the first also checks the updates before it (the
+    # weights themselves are not compared: Adam divides near-zero gradients by their own size, so a rounding
+    # difference of 1e-9 in a gradient can move a weight by a whole step)
+    assert compiled.train() == pytest.approx(eager.train(), rel=1e-4)
+    saved = load_file(str(tmp_path / ckpt.CHECKPOINT_FILE))
+    assert saved and not any("_orig_mod" in k for k in saved)
+    model, _, configs = load_checkpoint(tmp_path, "cpu")        # loads into a plain U-Net
+    assert configs["train"].compile == "default"
+    with pytest.raises(ValueError, match="compile must be one of"):
+        TrainConfig(compile="fast")
+    assert "compile" in RESUMABLE and "compile" in TRAIN_HELP
+
+
+def test_measure_amp_times_each_precision_and_leaves_model_and_generators_alone(images):
+    from diffusion_course.ddpm import GaussianDiffusion
+    from diffusion_course.nn import UNet
+    from diffusion_course.training import measure_amp
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**TINY_UNET))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    dtype, seconds = measure_amp(model, GaussianDiffusion("linear", 20), images[:4], None,
+                                 (torch.bfloat16, None), warmup=1, iters=2)
+    assert set(seconds) == {"bfloat16", "float32"} and min(seconds.values()) > 0
+    assert dtype == (torch.bfloat16 if seconds["bfloat16"] < seconds["float32"] else None)  # the faster one
+    assert torch.equal(torch.get_rng_state(), rng)                # dropout's draws were given back
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="at least one candidate"):
+        measure_amp(model, GaussianDiffusion("linear", 20), images[:4], candidates=())
+
+
+def test_choose_amp_probes_a_conditional_trainer_without_moving_its_streams(capsys):
+    from diffusion_course.data import get_dataset
+    from diffusion_course.conditions import conditional_data
+
+    ds = get_dataset("digits", 8)
+    cond, cc = conditional_data(ds, "class", 8)
+    config, unet = tiny(condition="class", steps=2)
+    probed = Trainer(config, UNetConfig(**{**TINY_UNET, "context_dim": 8}), ds.images[:64], cond[:64], cc)
+    dtype, seconds = probed.choose_amp((torch.bfloat16, None))
+    assert dtype in (torch.bfloat16, None) and set(seconds) == {"bfloat16", "float32"}
+    assert "mixed precision (amp='auto')" in capsys.readouterr().out
+    plain = Trainer(config, UNetConfig(**{**TINY_UNET, "context_dim": 8}), ds.images[:64], cond[:64], cc)
+    assert probed.train() == plain.train()                     # the probe drew nothing from the run's streams

@@ -113,3 +113,34 @@ def test_evaluating_restores_the_training_mode_even_on_an_error():
     assert not frozen.training                     # a model in eval mode stays there
     with evaluating(lambda x: x):                  # a plain function is left alone
         pass
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_follow_the_environment_and_the_command_line(monkeypatch, restore_threads, capsys):
+    monkeypatch.delenv(utils.THREADS_ENV, raising=False)
+    assert utils.cpu_threads() == torch.get_num_threads()      # unset: torch's own choice, unchanged
+    monkeypatch.setenv(utils.THREADS_ENV, "1")
+    assert utils.cpu_threads() == 1
+    torch.set_num_threads(2)
+    assert utils.set_cpu_threads() == 1 and torch.get_num_threads() == 1
+    assert utils.env_report(print_report=False)["cpu threads"] == "1"
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv(utils.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=utils.THREADS_ENV):
+            utils.cpu_threads()
+    with pytest.raises(ValueError, match="positive integer"):
+        utils.set_cpu_threads(0)
+    monkeypatch.delenv(utils.THREADS_ENV)
+    from diffusion_course.__main__ import main
+
+    torch.set_num_threads(2)
+    assert main(["--threads", "1", "env"]) == 0 and torch.get_num_threads() == 1
+    assert "cpu threads : 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "env"])
