@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -29,16 +28,12 @@ from .metrics import load_digit_classifier, sample_quality
 from .nn import ConditionerConfig, UNetConfig
 from .pretrained import load_autoencoder
 from .training import Trainer, TrainConfig, sample_images, select_amp
+from .utils import cuda_sync as _sync, time_it  # noqa: F401  (time_it is part of this module's interface)
 from .utils import get_device
 
 # the U-Net family of the comparison: three levels, so that it also fits the 4x4 latents of f = 8
 UNET_SETTINGS: Dict[str, Any] = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                      attention_resolutions=(2,), norm_groups=8, context_dim=64)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
@@ -66,21 +61,6 @@ def activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
     return int(sum(seen.values()))
 
 
-def time_it(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """The median wall-clock seconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones, with CUDA
-    synchronised before and after each call when it is in use. Lesson: 08_latent_diffusion."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> Optional[int]:

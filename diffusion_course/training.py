@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,7 +64,7 @@ from .nn import ConditionalDenoiser, ConditionerConfig, UNet, UNetConfig
 from .pretrained import load_autoencoder
 from .schedules import SCHEDULES
 from .solvers import SAMPLERS, sample_with
-from .utils import ConfigDict, get_device
+from .utils import ConfigDict, get_device, time_it
 from .viz import make_grid
 
 
@@ -232,27 +231,16 @@ def measure_amp(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor
 def _time_precisions(probe: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor,
                      model_kwargs: Optional[Dict[str, Any]], candidates: Sequence[Optional[torch.dtype]],
                      warmup: int, iters: int) -> List[float]:
-    device = x0.device
-    generator = torch.Generator(device).manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator(x0.device).manual_seed(0)
     medians: List[float] = []
     for dtype in candidates:
         def step() -> None:
-            with (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+            with (torch.autocast(x0.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
                 loss = diffusion.L_simple(probe, x0, model_kwargs=model_kwargs, generator=generator)
             loss.backward()
             probe.zero_grad(set_to_none=True)
 
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(iters):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        medians.append(sorted(times)[len(times) // 2])
+        medians.append(time_it(step, repeats=iters, warmup=warmup))
     return medians
 
 

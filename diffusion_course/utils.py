@@ -10,10 +10,11 @@ import os
 import platform
 import random
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, fields
-from typing import Any, Dict, Iterator, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Type, TypeVar
 
 import numpy as np
 import torch
@@ -102,6 +103,29 @@ def by_mode(quick: Dict[str, Any], default: Dict[str, Any], gpu: Optional[Dict[s
         cfg.update(gpu or {})
     cfg["mode"] = mode
     return cfg
+
+
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work when CUDA is in use (nothing otherwise). Lesson: 08_latent_diffusion."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_it(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """The median wall-clock seconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones, with CUDA
+    synchronised before and after each call when it is in use. Lesson: 08_latent_diffusion."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        cuda_sync()
+        t0 = time.perf_counter()
+        fn()
+        cuda_sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 THREADS_ENV = "DIFFUSION_COURSE_THREADS"
