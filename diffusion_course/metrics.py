@@ -320,7 +320,7 @@ def frechet_distance(generated: torch.Tensor, reference: torch.Tensor, extractor
 def frechet_terms(generated: torch.Tensor, reference: torch.Tensor, extractor: nn.Module,
                   batch_size: int = 512) -> Dict[str, float]:
     """The Fréchet distance split into its two parts, in float64 from the features of ``extractor`` (as
-    :func:`frechet_distance`):
+    :func:`frechet_distance`)::
 
         FD = |mu_g - mu_r|^2 + tr(C_g + C_r - 2 (C_g C_r)^(1/2)),
 
