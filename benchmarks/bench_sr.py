@@ -1,12 +1,15 @@
 """Super-resolution quality and speed of the lesson-09 models (StableSR, its time-agnostic ablation, the SR3-style
 concat baseline) against bicubic upsampling, on the same held-out low-resolution patches.
 
-The test patches are the first ``--n`` images of the **test split** of the first model's training data set, at
+The patches are the first ``--n`` images of the **test split** (``--split train``: of the training split, to
+see how much of a model's quality is knowledge of its training images) of the first model's training data set, at
 that model's high-resolution size, degraded once with that model's training degradation (seeded by ``--seed``):
 every method is scored on the very same LR inputs (all models must share the scale and the HR size). Rows:
 
 * ``bicubic``: the LR patches upsampled (the baseline every model must beat);
 * each model of ``--models``, DDIM with ``--steps`` steps (eta = 0);
+* with ``--color-fix adain,wavelet`` (or either), each model's images again after StableSR's colour correction
+  towards the bicubic image (:func:`~diffusion_course.stablesr.color_fix`);
 * the first model again at each step count of ``--step-sweep`` (a count equal to ``--steps`` reuses that row's
   images, which the same seeds would reproduce exactly).
 
@@ -61,6 +64,14 @@ def parse_steps(text: str) -> List[int]:
     if steps and min(steps) < 1:
         raise argparse.ArgumentTypeError(f"step counts must be >= 1, got {text!r}")
     return steps
+
+
+def parse_fixes(text: str) -> List[str]:
+    fixes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [f for f in fixes if f not in ("adain", "wavelet")]
+    if not fixes or unknown:
+        raise argparse.ArgumentTypeError(f"colour fixes are adain and wavelet, comma-separated; got {text!r}")
+    return fixes
 
 
 def display_name(name: str) -> str:
@@ -123,8 +134,11 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--step-sweep", type=parse_steps, default=parse_steps("5,10,25,50"),
                    help="DDIM step counts run for the first model only (default 5,10,25,50; '' for none)")
     p.add_argument("--seed", type=int, default=0, help="seeds the degradation of the patches and the sampling noise")
-    p.add_argument("--color-fix", action="store_true",
-                   help="also score every model's images after the AdaIN colour correction (stablesr.color_fix)")
+    p.add_argument("--color-fix", type=parse_fixes, nargs="?", const=["adain"], default=[],
+                   help="also score every model's images after these colour corrections (stablesr.color_fix): "
+                        "adain, wavelet or adain,wavelet (no value: adain)")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="score on the held-out test patches (default) or on patches of the training split")
     p.add_argument("--start-t", type=int, default=None,
                    help="start every model from the LR image noised to this step index (default: pure noise)")
     p.add_argument("--batch", type=int, default=100, help="patches per sampling batch")
@@ -150,14 +164,14 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     degradation = DegradationConfig.from_dict({**train["degradation"], "scale": train["scale"]})
     if degradation.scale != scale:
         p.error(f"{first_name}'s training config says scale {train['scale']} but the model has {scale}")
-    test = get_dataset(train["dataset"], size, "test").images
+    test = get_dataset(train["dataset"], size, args.split).images
     if args.n > len(test):
-        p.error(f"--n {args.n} exceeds the {len(test)} images of the {train['dataset']!r} test split")
+        p.error(f"--n {args.n} exceeds the {len(test)} images of the {train['dataset']!r} {args.split} split")
     hr = test[: args.n]
     lr = degrade(hr, degradation, seed=args.seed)
     perceptual = PerceptualLoss().to(device)
 
-    print(f"{args.n} test patches of {train['dataset']!r} ({size}x{size}, LR {size // scale}x{size // scale}, "
+    print(f"{args.n} {args.split} patches of {train['dataset']!r} ({size}x{size}, LR {size // scale}x{size // scale}, "
           f"x{scale}), degraded as {display_name(first_name)} was trained (seed {args.seed}); device {device}")
     print(f"perceptual distance: PerceptualLoss with {perceptual.source}")
     for name, model, config in loaded[1:]:
@@ -178,9 +192,9 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                               model=display_name(name), steps=args.steps))
         start = "pure noise" if args.start_t is None else f"the LR image noised to t = {args.start_t}"
         print(f"{rows[-1]['method']}: DDIM-{args.steps} from {start}, {out['seconds']:.2f} s")
-        if args.color_fix:  # StableSR's AdaIN colour correction towards the bicubic image
-            rows.append(score_row(f"{label(name, model)} + colour fix", color_fix(out["images"], bicubic), hr,
-                                  perceptual, out["seconds"], model=display_name(name), steps=args.steps))
+        for method in args.color_fix:  # StableSR's colour corrections towards the bicubic image
+            rows.append(score_row(f"{label(name, model)} + {method} fix", color_fix(out["images"], bicubic, method),
+                                  hr, perceptual, out["seconds"], model=display_name(name), steps=args.steps))
     for k in args.step_sweep:
         out = first_run if k == args.steps else super_resolve(first, lr, k, args.seed, args.batch, device, args.start_t)
         rows.append(score_row(f"{display_name(first_name)}, DDIM-{k}", out["images"], hr, perceptual,
@@ -191,7 +205,7 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    time_aware=getattr(model, "time_aware", None), dataset=config["train"]["dataset"])
               for name, model, config in loaded]
     result = dict(rows=rows, n=args.n, steps=args.steps, step_sweep=args.step_sweep, start_t=args.start_t,
-                  seed=args.seed, batch=args.batch,
+                  split=args.split, color_fix=args.color_fix, seed=args.seed, batch=args.batch,
                   perceptual_source=perceptual.source, dataset=train["dataset"], hr_size=size, scale=scale,
                   degradation=degradation.to_dict(), models=models, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -194,7 +194,9 @@ class AETrainer:
         """Resume from ``folder``; a checkpoint of another configuration is refused with the keys that differ.
         Lesson: 06_ldm_autoencoder."""
         groups, meta = ckpt.read_checkpoint(folder)
-        diffs = ckpt.config_differences(meta["config"], self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
+        saved = ckpt.with_added_settings(meta["config"], self.configs(),
+                                         {"train": AETrainConfig, "autoencoder": AutoencoderConfig})
+        diffs = ckpt.config_differences(saved, self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
         if diffs:
             raise ValueError(f"the checkpoint in {str(folder)!r} comes from a different configuration:\n  "
                              + "\n  ".join(diffs))

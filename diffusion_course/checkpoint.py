@@ -21,6 +21,7 @@ the file, says what is wrong with it and what to do; the command line prints it 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -267,6 +268,33 @@ def read_config(folder: PathLike) -> Dict[str, Any]:
         raise _damaged(path, _diagnose(path, e)) from None
     with f:
         return _read_meta(path, f)["config"]
+
+
+def _plain(value: Any) -> Any:
+    """A default as ``to_dict`` stores it (tuples as lists), for comparing with a stored config."""
+    return json.loads(json.dumps(value))
+
+
+def with_added_settings(saved: Dict[str, Any], current: Dict[str, Any], sections: Dict[str, type]) -> Dict[str, Any]:
+    """``saved`` (a checkpoint's nested config) where a setting added to the package after the checkpoint was
+    written counts as that setting's default: for every ``section`` named in ``sections`` (its config dataclass),
+    a key of ``current[section]`` missing from ``saved[section]`` is filled with the current value if that value
+    is the field's default. A non-default current value stays missing, so :func:`config_differences` reports it.
+    Lesson: 04_unet."""
+    out = dict(saved)
+    for name, cls in sections.items():
+        if not isinstance(saved.get(name), dict) or not isinstance(current.get(name), dict):
+            continue
+        defaults = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = _plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = _plain(f.default_factory())
+        added = {k: v for k, v in current[name].items()
+                 if k not in saved[name] and k in defaults and _plain(v) == defaults[k]}
+        out[name] = {**added, **saved[name]}
+    return out
 
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any], ignore: Iterable[str] = (),

@@ -32,6 +32,7 @@ from .degradations import DegradationConfig, degrade, upsample
 from .pretrained import add_export_arguments, export_cli, write_asset
 from .stablesr import KINDS, SRDiffusion, build_sr, load_trainable, sr_config
 from .training import AMP_CHOICES, ema_decay_at, save_grid, select_amp, stream_seed, train_loop
+from .nn import TimeAwareEncoderConfig, UNetConfig
 from .utils import ConfigDict, get_device
 
 
@@ -233,7 +234,9 @@ class SRTrainer:
         """Resume from the checkpoint in ``folder``; one of another configuration is refused with the
         settings that differ. Lesson: 09_stablesr."""
         groups, meta = ckpt.read_checkpoint(folder)
-        diffs = ckpt.config_differences(meta["config"], self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
+        saved = ckpt.with_added_settings(meta["config"], self.configs(), {"train": SRTrainConfig, "unet": UNetConfig,
+                                                                          "encoder": TimeAwareEncoderConfig})
+        diffs = ckpt.config_differences(saved, self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
         if diffs:
             raise ValueError(f"the checkpoint in {str(folder)!r} comes from a different configuration:\n  "
                              + "\n  ".join(diffs) + "\nresume with the checkpoint's settings or train into a new folder")

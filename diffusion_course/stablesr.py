@@ -392,17 +392,49 @@ def load_sr(name: Union[str, os.PathLike], device: Optional[Union[str, torch.dev
     return model.eval().requires_grad_(False), config
 
 
-def color_fix(sr: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """StableSR's AdaIN colour correction: give each super-resolved image ``sr`` ``(B, C, H, W)`` the
-    per-channel mean and standard deviation of ``reference`` (the bicubic-upsampled LR image, same shape),
-    keeping its own structure. Sampling decides an image's colours at the noisiest steps, where the eps-loss
-    says least about them; the LR image knows them. Returns ``(B, C, H, W)`` clamped to [-1, 1].
-    Lesson: 09_stablesr."""
+def wavelet_split(x: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split images ``x`` ``(B, C, H, W)`` into (high, low) frequencies with ``high + low == x``: ``low`` is ``x``
+    blurred ``levels`` times by the 3x3 binomial kernel [1, 2, 1]^T [1, 2, 1] / 16 with its taps 1, 2, 4, ...
+    pixels apart (the "a trous" wavelet transform, as in StableSR's wavelet colour fix); level i removes the
+    detail of period about 2^(i+1) pixels. Borders are replicated. Lesson: 09_stablesr."""
+    if x.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    c = x.shape[1]
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    kernel = (k[:, None] * k[None, :] / 16).expand(c, 1, 3, 3)
+    low = x
+    for i in range(levels):
+        d = 2 ** i
+        low = F.conv2d(F.pad(low, (d, d, d, d), mode="replicate"), kernel, dilation=d, groups=c)
+    return x - low, low
+
+
+def color_fix(sr: torch.Tensor, reference: torch.Tensor, method: str = "adain", levels: int = 2,
+              eps: float = 1e-5) -> torch.Tensor:
+    """StableSR's two colour corrections, applied after sampling to super-resolved images ``sr`` ``(B, C, H, W)``
+    with ``reference`` the bicubic-upsampled LR image (same shape). Sampling decides an image's colours at the
+    noisiest steps, where the eps-loss says least about them; the LR image knows them.
+
+    * ``"adain"``: give each image the per-channel mean and standard deviation of ``reference``, keeping its own
+      structure.
+    * ``"wavelet"``: keep the high frequencies of ``sr`` and take the low ones from ``reference``
+      (:func:`wavelet_split` with ``levels``; 2 for a factor-4 LR image, whose pixels are 4 wide, keeps what the LR
+      image knows and what it does not apart).
+
+    Returns ``(B, C, H, W)`` clamped to [-1, 1]. Lesson: 09_stablesr."""
     if sr.shape != reference.shape:
         raise ValueError(f"sr {tuple(sr.shape)} and reference {tuple(reference.shape)} differ in shape")
-    mu_s, sd_s = sr.mean((2, 3), keepdim=True), sr.std((2, 3), keepdim=True)
-    mu_r, sd_r = reference.mean((2, 3), keepdim=True), reference.std((2, 3), keepdim=True)
-    return ((sr - mu_s) / (sd_s + eps) * sd_r + mu_r).clamp(-1.0, 1.0)
+    if method == "adain":
+        mu_s, sd_s = sr.mean((2, 3), keepdim=True), sr.std((2, 3), keepdim=True)
+        mu_r, sd_r = reference.mean((2, 3), keepdim=True), reference.std((2, 3), keepdim=True)
+        out = (sr - mu_s) / (sd_s + eps) * sd_r + mu_r
+    elif method == "wavelet":
+        out = wavelet_split(sr, levels)[0] + wavelet_split(reference.to(sr), levels)[1]
+    else:
+        raise ValueError(f"method must be 'adain' or 'wavelet', got {method!r}")
+    return out.clamp(-1.0, 1.0)
 
 
 def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module] = None) -> Dict[str, float]:
@@ -428,4 +460,5 @@ def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module
 
 __all__: Sequence[str] = (
     "KINDS", "SRDiffusion", "StableSR", "ConcatSR", "encoder_config_for", "build_stablesr", "build_concat_sr",
-    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "color_fix", "sr_scores")
+    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "color_fix",
+    "sr_scores")

@@ -41,7 +41,7 @@ import contextlib
 import copy
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -641,11 +641,8 @@ class Trainer:
         """Resume from the checkpoint in ``folder``: weights, EMA, optimizer, step, loss history and random
         states. A checkpoint of another configuration is refused with the keys that differ. Lesson: 04_unet."""
         groups, meta = ckpt.read_checkpoint(folder)
-        saved = dict(meta["config"])
-        # a setting added to the package after the checkpoint was written counts as its default value
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        saved["train"] = {**{k: v for k, v in self.config.to_dict().items() if k not in saved.get("train", {})
-                             and k in defaults and v == defaults[k]}, **saved.get("train", {})}
+        saved = ckpt.with_added_settings(meta["config"], self.configs(), {"train": TrainConfig, "unet": UNetConfig,
+                                                                          "conditioner": ConditionerConfig})
         diffs = ckpt.config_differences(saved, self.configs(), ignore=[f"train.{k}" for k in RESUMABLE])
         if diffs:
             raise ValueError(f"the checkpoint in {str(folder)!r} comes from a different configuration:\n  "

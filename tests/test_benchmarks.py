@@ -198,6 +198,24 @@ def test_bench_sr_scores_bicubic_models_and_the_step_sweep_on_the_same_patches(t
     assert scores(bench.run(argv)["rows"]) == scores(rows)
     with pytest.raises(SystemExit):  # a model of another scale cannot be scored on the same patches
         bench.run(["--models", f"{stablesr},{stablesr_x2}", "--n", "2", "--steps", "1", "--device", "cpu"])
+    # colour fixes: one more row per model and method, the model's own images corrected towards bicubic
+    fixed = bench.run(argv[:2] + ["--n", "4", "--steps", "2", "--step-sweep", "", "--batch", "2", "--device", "cpu",
+                                  "--seed", "3", "--color-fix", "adain,wavelet"])
+    assert [r["method"] for r in fixed["rows"]] == [
+        "bicubic", "sr_tiny_stablesr_x4 (stablesr, time-aware)", "sr_tiny_stablesr_x4 (stablesr, time-aware) + adain fix",
+        "sr_tiny_stablesr_x4 (stablesr, time-aware) + wavelet fix", "sr_tiny_concat_x4 (concat)",
+        "sr_tiny_concat_x4 (concat) + adain fix", "sr_tiny_concat_x4 (concat) + wavelet fix"]
+    assert scores(fixed["rows"][1:2]) == scores(rows[1:2]) and fixed["color_fix"] == ["adain", "wavelet"]
+    assert scores(fixed["rows"][2:4]) != scores(fixed["rows"][1:2]) * 2
+    # the training split: other patches, so another bicubic score
+    seen = bench.run(argv[:2] + ["--n", "4", "--steps", "1", "--step-sweep", "", "--device", "cpu", "--seed", "3",
+                                 "--split", "train"])
+    train_hr = get_dataset("photos", 16, "train").images[:4]
+    train_lr = degrade(train_hr, DegradationConfig.from_dict({**train["degradation"], "scale": train["scale"]}), seed=3)
+    assert seen["split"] == "train"
+    assert seen["rows"][0]["psnr"] == pytest.approx(sr_scores(upsample(train_lr, 4), train_hr)["psnr"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        bench.run(argv[:2] + ["--n", "2", "--device", "cpu", "--color-fix", "histogram"])
     assert "same scale" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.run(["--models", str(stablesr), "--n", "0"])

@@ -265,3 +265,42 @@ def test_color_fix_takes_the_reference_statistics():
     assert torch.allclose(z(out), z(sr), atol=1e-4)
     with pytest.raises(ValueError, match="differ in shape"):
         color_fix(sr, ref[:, :, :4])
+    with pytest.raises(ValueError, match="'adain' or 'wavelet'"):
+        color_fix(sr, ref, method="histogram")
+
+
+def test_wavelet_split_bands_add_up_and_separate_frequencies():
+    from diffusion_course.stablesr import wavelet_split
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    high, low = wavelet_split(x, 2)
+    assert torch.allclose(high + low, x, atol=1e-12)
+    # the blur keeps a constant image and the mean of an image without borders' influence
+    flat = torch.full((1, 3, 16, 16), 0.7, dtype=torch.float64)
+    assert torch.allclose(wavelet_split(flat, 3)[1], flat, atol=1e-12)
+    # by hand, one level at an interior pixel: the 3x3 binomial weights
+    k = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]], dtype=torch.float64) / 16
+    assert torch.allclose(wavelet_split(x, 1)[1][0, 0, 5, 7], (x[0, 0, 4:7, 6:9] * k).sum())
+    # level 2's taps are 2 pixels apart, applied to level 1's output
+    low1 = wavelet_split(x, 1)[1]
+    assert torch.allclose(low[0, 1, 10, 12], (low1[0, 1, 8:13:2, 10:15:2] * k).sum())
+    # a checkerboard (period 2) is all high frequency; a slow ramp far from the borders all low
+    i = torch.arange(32, dtype=torch.float64)
+    checker = ((i[:, None] + i[None, :]) % 2 * 2 - 1).expand(1, 1, 32, 32)
+    assert wavelet_split(checker, 1)[1][..., 4:-4, 4:-4].abs().max() < 1e-12
+    ramp = (i[None, :] / 31).expand(1, 1, 32, 32)
+    assert wavelet_split(ramp, 2)[0][..., 6:-6, 6:-6].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        wavelet_split(x, 0)
+
+
+def test_wavelet_color_fix_takes_low_frequencies_from_the_reference():
+    from diffusion_course.stablesr import color_fix, wavelet_split
+    g = torch.Generator().manual_seed(1)
+    sr = torch.randn(2, 3, 16, 16, generator=g).mul(0.2)
+    ref = torch.randn(2, 3, 16, 16, generator=g).mul(0.2)
+    out = color_fix(sr, ref, method="wavelet", levels=2)
+    assert torch.allclose(out, wavelet_split(sr, 2)[0] + wavelet_split(ref, 2)[1], atol=1e-6)
+    # the reference itself as the sample: nothing to change
+    assert torch.allclose(color_fix(ref, ref, method="wavelet"), ref.clamp(-1, 1), atol=1e-6)
+    assert not torch.allclose(out, sr, atol=1e-2) and not torch.allclose(out, ref, atol=1e-2)

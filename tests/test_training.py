@@ -134,6 +134,8 @@ def test_a_checkpoint_older_than_a_new_setting_still_resumes(images, tmp_path):
     groups, meta = ckpt.read_checkpoint(tmp_path)
     for key in ("autoencoder", "spatial", "p_hide_all"):  # as a checkpoint of an older package has it
         del meta["config"]["train"][key]
+    for key in ("sft_channels", "sft_hidden"):  # the U-Net's settings added for lesson 09
+        del meta["config"]["unet"][key]
     ckpt.save_checkpoint(tmp_path, groups, meta)
     assert "spatial" not in ckpt.read_checkpoint(tmp_path)[1]["config"]["train"]
     resumed = Trainer(*tiny(), images)
@@ -143,6 +145,9 @@ def test_a_checkpoint_older_than_a_new_setting_still_resumes(images, tmp_path):
     changed.p_hide_all = 0.25
     with pytest.raises(ValueError, match="p_hide_all"):
         Trainer(changed, unet, images).load(tmp_path)
+    config, changed_unet = tiny(unet=dict(sft_hidden=32))
+    with pytest.raises(ValueError, match="unet.sft_hidden: checkpoint '<missing>', here 32"):
+        Trainer(config, changed_unet, images).load(tmp_path)
 
 
 def test_resume_gives_bit_identical_weights(images, tmp_path):
