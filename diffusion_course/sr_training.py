@@ -29,10 +29,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from .data import check_dataset_name, get_dataset
 from .degradations import DegradationConfig, degrade, upsample
+from .nn import TimeAwareEncoderConfig, UNetConfig
 from .pretrained import add_export_arguments, export_cli, write_asset
 from .stablesr import KINDS, SRDiffusion, build_sr, load_trainable, sr_config
 from .training import AMP_CHOICES, ema_decay_at, save_grid, select_amp, stream_seed, train_loop
-from .nn import TimeAwareEncoderConfig, UNetConfig
 from .utils import ConfigDict, get_device
 
 
