@@ -110,8 +110,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
         for start in range(0, args.n, args.batch):  # every batch shape the runs will use
             diffusion.ddim_sample(model, (min(args.batch, args.n - start), 1, size, size), steps=2, device=device,
                                   progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        utils.cuda_sync()
         compile_seconds = time.perf_counter() - t0
         print(f"torch.compile (mode {args.compile}): {compile_seconds:.1f} s of code generation before the timed runs")
     if max(args.ddim + args.dpm + args.dpm_sde) > diffusion.T:
@@ -165,8 +164,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(seed)
             out = []
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            utils.cuda_sync()
             t0 = time.perf_counter()
             for start in range(0, args.n, args.batch):
                 shape = (min(args.batch, args.n - start), 1, size, size)
@@ -179,8 +177,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 else:
                     out.append(diffusion.ddim_sample(model, shape, steps=steps, generator=g, device=device,
                                                       progress=False))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            utils.cuda_sync()
             secs.append(time.perf_counter() - t0)
             images = to32(torch.cat(out).clamp(-1, 1))
             q = metrics.sample_quality(images, ref, clf, reference_name="digits test split")

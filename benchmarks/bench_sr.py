@@ -86,24 +86,19 @@ def label(name: str, model: SRDiffusion) -> str:
     return f"{display_name(name)} ({model.kind})"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def super_resolve(model: SRDiffusion, lr: torch.Tensor, steps: int, seed: int, batch: int,
                   device: torch.device, start_t: Optional[int] = None) -> Dict[str, Any]:
     """DDIM super-resolution of all of ``lr`` in batches, batch ``b`` with a generator seeded from
     ``(seed, b)``, from pure noise or (``start_t``) from the LR image noised to that step; returns the images
     (CPU) and the wall time."""
     out = []
-    _sync(device)
+    utils.cuda_sync()
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(lr), batch)):
         g = torch.Generator().manual_seed(stream_seed(seed, 0, 1, b))
         out.append(model.sample(lr[start:start + batch].to(device), steps, sampler="ddim", generator=g,
                                 start_t=start_t).cpu())
-    _sync(device)
+    utils.cuda_sync()
     return {"images": torch.cat(out), "seconds": time.perf_counter() - t0}
 
 
@@ -179,10 +174,10 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"note: {display_name(name)} was trained on {config['train']['dataset']!r}, scored on "
                   f"{train['dataset']!r}")
 
-    _sync(device)
+    utils.cuda_sync()
     t0 = time.perf_counter()
     bicubic = upsample(lr.to(device), scale).cpu()
-    _sync(device)
+    utils.cuda_sync()
     rows = [score_row("bicubic", bicubic, hr, perceptual, time.perf_counter() - t0, model=None, steps=None)]
     first_run = None
     for name, model, _ in loaded:
