@@ -32,7 +32,7 @@ from .degradations import DegradationConfig, degrade, upsample
 from .nn import TimeAwareEncoderConfig, UNetConfig
 from .pretrained import add_export_arguments, export_cli, write_asset
 from .stablesr import KINDS, SRDiffusion, build_sr, load_trainable, sr_config
-from .training import AMP_CHOICES, ema_decay_at, save_grid, select_amp, stream_seed, train_loop
+from .training import AMP_CHOICES, ema_decay_at, save_grid, select_amp, stream_seed, train_loop, warmup_lr
 from .utils import ConfigDict, get_device
 
 
@@ -144,9 +144,9 @@ class SRTrainer:
             return None
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up over ``warmup_steps``, then constant. Lesson: 09_stablesr."""
-        w = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / w) if w else self.config.lr
+        """Linear warm-up over ``warmup_steps``, then constant (:func:`~diffusion_course.training.warmup_lr`).
+        Lesson: 09_stablesr."""
+        return warmup_lr(self.config.lr, self.config.warmup_steps, step)
 
     def train_step(self) -> float:
         """One optimizer step on freshly degraded patches; returns the loss. A NaN or infinite loss raises

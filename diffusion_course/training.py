@@ -249,6 +249,12 @@ def dtype_name(dtype: Optional[torch.dtype]) -> str:
     return str(dtype or torch.float32).replace("torch.", "")
 
 
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of step ``step`` (0-based) of the course's trainers: ``lr`` scaled by (step + 1) /
+    ``warmup_steps`` during a linear warm-up, then constant (no warm-up when ``warmup_steps`` is 0). Lesson: 04_unet."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
 def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
     """The EMA decay for the update after ``updates`` earlier ones: ``decay``, or with ``warmup``
     min(decay, (1 + n) / (10 + n)), so that early averages are not dominated by the random initial weights.
@@ -311,13 +317,14 @@ def train_loop(trainer: Any, num_steps: Optional[int], desc: str, progress: bool
 
 @torch.no_grad()
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim",
-                  steps: Optional[int] = None, seed: int = 0, eta: float = 0.0, progress: bool = True,
+                  steps: Optional[int] = None, seed: int = 0, eta: Optional[float] = None, progress: bool = True,
                   cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
-                  x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  x_T: Optional[torch.Tensor] = None, spacing: str = "linspace") -> torch.Tensor:
     """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
     default 50), DDPM's Algorithm 2 (all T steps), DPM-Solver++ 2M (``"dpmpp2m"``, default 20) or its stochastic
-    form (``"dpmpp2m_sde"``, default 25), with the noise drawn from a generator seeded by ``seed`` (or starting from
-    ``x_T``).
+    form (``"dpmpp2m_sde"``, default 25), or their third-order forms (``"dpmpp3m"``, ``"dpmpp3m_sde"``), with the
+    noise drawn from a generator seeded by ``seed`` (or starting from ``x_T``), on the time-step grid ``spacing``
+    (:func:`~diffusion_course.ddpm.timesteps`).
 
     A conditional model (:class:`~diffusion_course.nn.ConditionalDenoiser`) takes ``cond``, one condition per
     image, and samples with classifier-free guidance of scale ``guidance_scale`` (1: the plain conditional
@@ -335,7 +342,7 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
     elif getattr(model, "conditioner", None) is not None:
         raise ValueError("this model is conditional: pass cond=... (one condition per image)")
     x = sample_with(diffusion, model, shape, sampler, steps, eta, generator=g, device=device, progress=progress,
-                    model_kwargs=kwargs, x_T=x_T)
+                    model_kwargs=kwargs, x_T=x_T, spacing=spacing)
     return x.clamp(-1.0, 1.0).float().cpu()
 
 
@@ -481,9 +488,8 @@ class Trainer:
 
     # -- one step of Algorithm 1 -------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step``: a linear warm-up over ``warmup_steps``, then constant. Lesson: 04_unet."""
-        w = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / w) if w else self.config.lr
+        """The learning rate of step ``step`` (:func:`warmup_lr`). Lesson: 04_unet."""
+        return warmup_lr(self.config.lr, self.config.warmup_steps, step)
 
     def choose_amp(self, candidates: Sequence[Optional[torch.dtype]]
                    ) -> Tuple[Optional[torch.dtype], Dict[str, float]]:

@@ -76,6 +76,13 @@ def test_select_amp_picks_bf16_then_fp16_on_cuda_and_nothing_elsewhere():
         select_amp("cpu", "fp8")
 
 
+def test_warmup_lr_rises_linearly_then_stays():
+    from diffusion_course.training import warmup_lr
+
+    assert [warmup_lr(1e-3, 4, k) for k in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert warmup_lr(3e-4, 0, 0) == warmup_lr(3e-4, 0, 50) == 3e-4
+
+
 def test_ema_update_matches_the_hand_formula():
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
