@@ -24,7 +24,7 @@ from .utils import evaluating
 
 Model = Callable[..., torch.Tensor]
 SIGMA_CHOICES = ("beta", "beta_tilde")
-SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
                        torch.where(x > 1 - half_bin, log_one_minus_cdf_minus, log_delta))
 
 
-def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
+def timesteps(T: int, steps: int, spacing: str = "linspace", alpha_bar: Optional[Any] = None) -> List[int]:
     """``steps`` distinct array indices in ``[0, T - 1]``, in decreasing order: the levels a sampler with
     ``steps`` network calls visits before its last step to abar = 1 (x_0).
 
@@ -102,6 +102,12 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
     * ``"trailing"``: from T - 1 down in strides of T / steps, ``round(T - i * T / steps) - 1`` (numpy's round,
       halves to even): for T = 1000 and 50 steps, 999, 979, ..., 19. It starts at the noisiest level and
       does not reach index 0.
+    * ``"logsnr"``: evenly spread in the half log-SNR lambda = log(sqrt(abar) / sqrt(1 - abar)) from index T - 1 to
+      index 0, each level the index whose lambda is nearest (kept distinct), as DPM-Solver's code offers
+      (``skip_type="logSNR"``, Lu et al. 2022, who recommend it for low-resolution pixel models). It needs the
+      schedule: ``alpha_bar``, the T values of abar. For T = 1000 (linear schedule) and 25 steps it visits 999,
+      ..., 10, 4, 1, 0: most levels lie where little noise is left, where lambda changes fastest with t and an even
+      grid in t takes its largest steps in lambda.
 
     Lesson: 03_training_and_sampling.
     """
@@ -119,10 +125,34 @@ def timesteps(T: int, steps: int, spacing: str = "linspace") -> List[int]:
         idx = (np.arange(steps, dtype=np.int64) * ratio + offset)[::-1]
     elif spacing == "trailing":
         idx = np.round(T - np.arange(steps, dtype=np.float64) * (T / steps)).astype(np.int64) - 1
+    elif spacing == "logsnr":
+        idx = np.array(_logsnr_levels(T, steps, alpha_bar), dtype=np.int64)
     else:
         raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     out = [int(i) for i in idx]
     assert len(set(out)) == steps and out == sorted(out, reverse=True) and 0 <= out[-1] and out[0] <= T - 1
+    return out
+
+
+def _logsnr_levels(T: int, steps: int, alpha_bar: Any) -> List[int]:
+    """The ``"logsnr"`` grid of :func:`timesteps`: ``steps`` distinct indices, T - 1 first and 0 last, nearest to
+    an even grid in the half log-SNR."""
+    if alpha_bar is None:
+        raise ValueError("the 'logsnr' spacing needs the schedule: pass alpha_bar (the T values of abar)")
+    ab = np.asarray(torch.as_tensor(alpha_bar, dtype=torch.float64).cpu(), dtype=np.float64)
+    if ab.shape != (T,) or not np.all((ab > 0) & (ab < 1)) or np.any(np.diff(ab) >= 0):
+        raise ValueError(f"alpha_bar must hold T = {T} values in (0, 1), decreasing, got shape {ab.shape}")
+    if steps == 1:
+        return [T - 1]
+    lam = 0.5 * (np.log(ab) - np.log1p(-ab))                  # increasing towards index 0
+    targets = np.linspace(lam[T - 1], lam[0], steps)
+    out: List[int] = []
+    for k, target in enumerate(targets):
+        i = int(np.argmin(np.abs(lam - target)))
+        if out:
+            i = min(i, out[-1] - 1)                           # strictly decreasing
+        out.append(max(i, steps - 1 - k))                     # room left for the levels still to come
+    out[0], out[-1] = T - 1, 0
     return out
 
 
@@ -480,7 +510,7 @@ class GaussianDiffusion:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or not (1 <= steps <= self.T):
             raise ValueError(f"DDIM needs 1 <= steps <= T = {self.T}, got {steps!r}")
-        return timesteps(self.T, steps, spacing)
+        return timesteps(self.T, steps, spacing, self.alpha_bar)
 
     @torch.no_grad()
     def ddim_step(self, model: Model, xt: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,

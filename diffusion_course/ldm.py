@@ -308,8 +308,9 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, guidance_scale: float = 1.0, concat: Optional[torch.Tensor] = None,
-               sampler: str = "ddim", steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
-               x_T: Optional[torch.Tensor] = None, decode: bool = True, progress: bool = False) -> torch.Tensor:
+               sampler: str = "ddim", steps: Optional[int] = None, eta: Optional[float] = None, seed: int = 0,
+               x_T: Optional[torch.Tensor] = None, decode: bool = True, progress: bool = False,
+               spacing: str = "linspace") -> torch.Tensor:
         """``n`` samples: images ``(n, C, H, W)`` in [-1, 1] on the CPU (or the latents ``(n, c, h, w)`` with
         ``decode=False``), by DDIM or DPM-Solver++ 2M (``steps`` calls, default 50 and 20) or DDPM (all T), with classifier-free guidance of scale
         ``guidance_scale`` for a conditional model (0: the unconditional model, i.e. the empty condition).
@@ -325,7 +326,8 @@ class LatentDiffusion(nn.Module):
         g = torch.Generator().manual_seed(seed)
         shape = (n,) + self.latent_shape
         z = sample_with(self.diffusion, model, shape, sampler, None if sampler == "ddpm" else steps, eta,
-                        generator=g, device=self.device, progress=progress, model_kwargs=kwargs, x_T=x_T)
+                        generator=g, device=self.device, progress=progress, model_kwargs=kwargs, x_T=x_T,
+                        spacing=spacing)
         if not decode:
             return z.float().cpu()
         return self.decode(z).clamp(-1.0, 1.0).float().cpu()

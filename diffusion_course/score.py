@@ -177,7 +177,7 @@ def annealed_langevin_sample(diffusion: GaussianDiffusion, model: Model, shape: 
                         "call annealed_langevin_sample(diffusion, model, shape, ...)")
     if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or steps_per_level < 1:
         raise ValueError(f"steps_per_level must be an integer >= 1, got {steps_per_level!r}")
-    seq = timesteps(diffusion.T, levels, spacing)
+    seq = timesteps(diffusion.T, levels, spacing, diffusion.alpha_bar)
     steps = langevin_step_sizes(diffusion, seq, step_size)
     with evaluating(model):
         x = diffusion._start(model, shape, x_T, generator, device)

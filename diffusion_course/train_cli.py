@@ -32,6 +32,7 @@ from .distributed import leave_process_group, main_process_first, setup_distribu
 from .ldm import LatentDiffusion, latent_unet_config
 from .nn import ConditionerConfig, UNetConfig
 from .pretrained import read_asset
+from .solvers import SPACINGS
 from .training import SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid
 
 TRAIN_HELP = {
@@ -52,7 +53,7 @@ TRAIN_HELP = {
     "sample_every": "write a sample grid every this many steps (0: only at the end)",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "n_samples": "images in each sample grid",
-    "sampler": "sampler of the grids: ddim, ddpm, dpmpp2m or dpmpp2m_sde",
+    "sampler": "sampler of the grids: ddim, ddpm, dpmpp2m, dpmpp2m_sde, dpmpp3m or dpmpp3m_sde",
     "sample_steps": "DDIM steps of the grids",
     "out": "run folder for checkpoints and sample grids (with --resume: defaults to the resumed folder)",
     "amp": "mixed precision: auto (on CUDA the faster of bf16/fp16 autocast and float32, measured and printed; "
@@ -111,11 +112,17 @@ def _add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run folder written by `train`")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim (few steps, default 50), ddpm (all T steps), dpmpp2m (DPM-Solver++ 2M, "
-                                                                       "default 20) or dpmpp2m_sde (its stochastic form, default 25)")
+                                                                       "default 20), dpmpp2m_sde (its stochastic form, default 25), "
+                                                                       "dpmpp3m or dpmpp3m_sde (third order, same defaults)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50); DDPM always takes T")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--eta", type=float, default=None, help="the noise knob of ddim (default 0: deterministic) and of "
+                                                             "dpmpp2m_sde / dpmpp3m_sde (in [0, 1], default 1: the reverse "
+                                                             "SDE)")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                   help="time-step grid of ddim and the DPM-Solver++ samplers: linspace (default), leading, trailing or "
+                        "logsnr (even in the log-SNR)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: a square)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--labels", default="", help="class-conditional models: class labels, e.g. 7 or 0,1,2 (repeated "
@@ -205,10 +212,10 @@ def _sample(args: argparse.Namespace) -> int:
             if args.sampler == "ddpm" and args.steps not in (None, diffusion.T):
                 raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use ddim or dpmpp2m for {args.steps}")
             images = model.sample(args.n, cond, args.guidance_scale, sampler=args.sampler, steps=args.steps,
-                                  eta=args.eta, seed=args.seed)
+                                  eta=args.eta, seed=args.seed, spacing=args.spacing)
         else:
             images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,
-                                   cond=cond, guidance_scale=args.guidance_scale)
+                                   cond=cond, guidance_scale=args.guidance_scale, spacing=args.spacing)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         return _fail(str(e))
     path = save_grid(images, args.out, args.nrow)

@@ -77,12 +77,36 @@ def test_spacings_on_small_cases_computed_by_hand():
 def test_spacings_are_decreasing_distinct_indices_in_range(spacing):
     for T in (1, 2, 7, 10, 40, 1000):
         for steps in sorted({min(k, T) for k in (1, 2, 3, T // 3, T // 2, T - 1, T) if k >= 1}):
-            seq = solvers.timesteps(T, steps, spacing)
+            ab = ddpm.GaussianDiffusion("linear", T=T).alpha_bar if spacing == "logsnr" else None
+            seq = solvers.timesteps(T, steps, spacing, ab)
             assert len(seq) == steps and all(isinstance(i, int) for i in seq)
             assert all(a > b for a, b in zip(seq, seq[1:])), (T, steps, seq)
             assert 0 <= seq[-1] and seq[0] <= T - 1
     # every index when steps = T (the leading grid's shift would leave the table there, so it is dropped)
-    assert solvers.timesteps(40, 40, spacing) == list(range(39, -1, -1))
+    ab = ddpm.GaussianDiffusion("linear", T=40).alpha_bar if spacing == "logsnr" else None
+    assert solvers.timesteps(40, 40, spacing, ab) == list(range(39, -1, -1))
+
+
+def test_logsnr_spacing_is_even_in_lambda():
+    """Its levels' half log-SNR steps are as even as integer indices allow: far more even than the linspace
+    grid's, whose last steps are the longest in lambda; it starts at T - 1 and ends at 0."""
+    d = ddpm.GaussianDiffusion("linear", T=1000)
+    lam = lambda seq: [solvers.half_log_snr(float(d.alpha_bar[i])) for i in seq]  # noqa: E731
+    # (10 and 25 steps: within 10% of even; at 50 the last levels are forced onto indices 3, 2, 1, 0, whose gaps
+    # in lambda are set by the table; every longest gap is at least 3 times shorter than the linspace grid's)
+    for steps, spread in ((10, 0.1), (25, 0.1), (50, 1.0)):
+        seq = solvers.timesteps(1000, steps, "logsnr", d.alpha_bar)
+        assert seq[0] == 999 and seq[-1] == 0 and seq == d.ddim_timesteps(steps, "logsnr")
+        gaps = np.diff(lam(seq))
+        even = (lam([0])[0] - lam([999])[0]) / (steps - 1)
+        lin_gaps = np.diff(lam(solvers.timesteps(1000, steps, "linspace")))
+        assert (1 - spread) * even < gaps.min() and gaps.max() < (1 + spread) * even, (steps, gaps / even)
+        assert lin_gaps.max() > 3 * gaps.max()
+    assert solvers.timesteps(1000, 1, "logsnr", d.alpha_bar) == [999]
+    with pytest.raises(ValueError, match="needs the schedule"):
+        solvers.timesteps(1000, 10, "logsnr")
+    with pytest.raises(ValueError, match="decreasing"):
+        solvers.timesteps(3, 2, "logsnr", torch.tensor([0.5, 0.6, 0.7]))
 
 
 def test_linspace_is_the_ddim_grid():
@@ -92,7 +116,7 @@ def test_linspace_is_the_ddim_grid():
 
 
 def test_spacings_reject_bad_arguments():
-    with pytest.raises(ValueError, match="unknown spacing 'uniform'; valid: linspace, leading, trailing"):
+    with pytest.raises(ValueError, match="unknown spacing 'uniform'; valid: linspace, leading, trailing, logsnr"):
         solvers.timesteps(1000, 10, "uniform")
     for steps in (0, 1001, -3, 2.5, True, "10"):
         with pytest.raises(ValueError, match="1 <= steps <= T = 1000"):
@@ -341,8 +365,8 @@ def test_sampler_rejects_bad_arguments():
 def test_ddim_samples_on_every_spacing():
     """DDIM takes the same grids as the solver: its first step from x_T lands on the grid's second level."""
     d = ddpm.GaussianDiffusion("linear", T=100)
-    for spacing in ("linspace", "leading", "trailing"):
-        assert d.ddim_timesteps(10, spacing) == solvers.timesteps(100, 10, spacing)
+    for spacing in ("linspace", "leading", "trailing", "logsnr"):
+        assert d.ddim_timesteps(10, spacing) == solvers.timesteps(100, 10, spacing, d.alpha_bar)
     x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
     lead = d.ddim_sample(lambda x, t: 0.1 * x, (3, 2), steps=10, x_T=x_T, progress=False, spacing="leading")
     trail = d.ddim_sample(lambda x, t: 0.1 * x, (3, 2), steps=10, x_T=x_T, progress=False, spacing="trailing")
@@ -384,6 +408,12 @@ def test_the_trainer_and_the_cli_sample_with_dpm_solver(tmp_path):
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"),
                  "--sampler", "dpmpp2m", "--steps", "4", "--n", "4"]) == 0
     assert (tmp_path / "g.png").is_file()
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "g3.png"),
+                 "--sampler", "dpmpp3m_sde", "--spacing", "logsnr", "--eta", "0.5", "--steps", "5", "--n", "4"]) == 0
+    assert (tmp_path / "g3.png").is_file()
+    a = sample_images(trainer.ema, trainer.diffusion, 3, "dpmpp3m", steps=5, progress=False, spacing="logsnr")
+    b = sample_images(trainer.ema, trainer.diffusion, 3, "dpmpp3m", steps=5, progress=False)
+    assert not torch.equal(a, b)                                                # the grid reaches the sampler
 
 
 def test_one_step_starts_at_the_noisiest_level():
@@ -433,5 +463,133 @@ def test_sde_sampler_matches_ddim_eta_one_where_both_are_first_order_and_is_seed
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
     ode = solvers.sample_with(diffusion, model, shape, "dpmpp2m", 10, generator=torch.Generator().manual_seed(1))
     assert (a - ode).abs().max() > 1e-3                                           # the noise changes the samples
+    # eta = 1 is the default; eta = 0 is the ODE again (the generator's later draws are never used)
+    assert torch.equal(a, solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=1.0,
+                                              generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=0.0,
+                                                   generator=torch.Generator().manual_seed(1)), ode, rtol=0, atol=1e-6)
+    half = solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=0.5,
+                               generator=torch.Generator().manual_seed(1))
+    assert (half - a).abs().max() > 1e-3 and (half - ode).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=1.5)
+    with pytest.raises(ValueError, match="pass sde=True"):
+        solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=4, eta=0.5)
+
+
+def test_sde_update_with_eta_keeps_the_marginal_and_spans_ode_to_sde():
+    """For every eta the step maps x_s ~ sqrt(abar_s) x_0 + sigma_s eps (x0 = x_0 exact) to mean sqrt(abar_t) x_0 and
+    variance sigma_t^2; eta = 0 is the ODE step and eta = 1 the SDE step."""
+    g = torch.Generator().manual_seed(4)
+    ab_s, ab_t, n = 0.3, 0.8, 400_000
+    x0 = torch.full((n,), 0.7, dtype=torch.float64)
+    x_s = math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s) * torch.randn(n, generator=g, dtype=torch.float64)
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    for eta in (0.0, 0.25, 0.5, 1.0):
+        x_t = solvers.dpm_solver_pp_sde_update(x_s, x0, ab_s, ab_t, z, eta)
+        assert abs(x_t.mean().item() - math.sqrt(ab_t) * 0.7) < 4e-3, eta
+        assert abs(x_t.var().item() - (1 - ab_t)) < 4e-3, eta
+    small = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    zs = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(solvers.dpm_solver_pp_sde_update(small, small, ab_s, ab_t, zs, 0.0),
+                               solvers.dpm_solver_pp_update(small, small, ab_s, ab_t), rtol=0, atol=1e-12)
+    for eta in (0.0, 0.5, 1.0):  # to the data, every eta returns x0
+        assert torch.equal(solvers.dpm_solver_pp_sde_update(small, zs, ab_s, 1.0, small, eta), zs)
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        solvers.dpm_solver_pp_sde_update(small, small, ab_s, ab_t, zs, -0.1)
+
+
+# -- third order: DPM-Solver++ 3M -----------------------------------------------------------------------
+
+def test_phi_functions_integrate_the_linear_and_quadratic_terms():
+    """sigma_t e^(lambda_s) int_0^h e^u u du = sqrt(abar_t) h phi_2(h) and ... u^2 / 2 ... = -sqrt(abar_t) h^2
+    phi_3(h): the update applied to x_s = 0 with x0 = 0 and only d1 (or d2) set reproduces the integrals, computed by
+    the trapezoidal rule on a fine grid."""
+    ab_s, ab_t = 0.3, 0.8
+    h = solvers.half_log_snr(ab_t) - solvers.half_log_snr(ab_s)
+    u = torch.linspace(0, h, 200_001, dtype=torch.float64)
+    scale = math.sqrt(1 - ab_t) * math.exp(solvers.half_log_snr(ab_s))
+    lin = scale * torch.trapezoid(torch.exp(u) * u, u).item()
+    quad = scale * torch.trapezoid(torch.exp(u) * u * u / 2, u).item()
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    # d1 = h x0' with x0' = 1; d2 = h^2 x0'' / 2 with x0'' = 1
+    got_lin = solvers.dpm_solver_pp_multistep_update(zero, zero, h * one, zero, ab_s, ab_t).item()
+    got_quad = solvers.dpm_solver_pp_multistep_update(zero, zero, zero, h * h / 2 * one, ab_s, ab_t).item()
+    assert got_lin == pytest.approx(lin, rel=1e-8) and got_quad == pytest.approx(quad, rel=1e-8)
+    # the series branch for tiny steps agrees with the closed form just above it
+    a, b = 0.5, 0.5 + 2e-5
+    tiny = solvers.dpm_solver_pp_multistep_update(zero, zero, one, one, a, b).item()
+    hh = solvers.half_log_snr(b) - solvers.half_log_snr(a)
+    assert tiny == pytest.approx(math.sqrt(b) * (hh / 2 - 2 * (-hh / 6)), rel=1e-3)
+
+
+def test_multistep_derivatives_are_exact_for_a_quadratic():
+    lam = lambda u: torch.tensor([0.3 - 1.2 * u + 0.7 * u * u], dtype=torch.float64)  # noqa: E731
+    h, h1, h2 = 0.4, 0.25, 0.6
+    d1, d2 = solvers.multistep_derivatives(lam(0.0), lam(-h1), lam(-h1 - h2), h, h1, h2)
+    torch.testing.assert_close(d1, torch.tensor([h * -1.2], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(d2, torch.tensor([h * h * 0.7], dtype=torch.float64), rtol=0, atol=1e-12)
+    d1, d2 = solvers.multistep_derivatives(lam(0.0), lam(-h1), None, h, h1)   # a line: the 2M difference
+    torch.testing.assert_close(d1, (lam(0.0) - lam(-h1)) * h / h1) and torch.testing.assert_close(d2, 0 * d1)
+    with pytest.raises(ValueError, match="finite step sizes"):
+        solvers.multistep_derivatives(lam(0.0), lam(-h1), None, math.inf, h1)
+    with pytest.raises(ValueError, match="finite h_2"):
+        solvers.multistep_derivatives(lam(0.0), lam(-h1), lam(-1.0), h, h1)
+
+
+def test_3m_local_error_is_fourth_order_on_the_exact_gaussian_path():
+    """One step started on the exact ODE solution for Gaussian data, with exact earlier estimates: halving the
+    step divides 2M's local error by about 8 (third order locally) and 3M's by about 16, equal or unequal steps."""
+    mu, s, z = 0.8, 0.3, torch.tensor([1.3], dtype=torch.float64)
+    ab = lambda lam: 1 / (1 + math.exp(-2 * lam))                                   # noqa: E731
+    x_of = lambda lam: math.sqrt(ab(lam)) * mu + math.sqrt(ab(lam) * s * s + 1 - ab(lam)) * z  # noqa: E731
+    x0_of = lambda lam: mu + s * s * math.sqrt(ab(lam)) * z / math.sqrt(ab(lam) * s * s + 1 - ab(lam))  # noqa: E731
+    lam_s, e2, e3 = -1.0, [], []
+    for h in (0.2, 0.1, 0.05):
+        x0, x1, x2 = x0_of(lam_s), x0_of(lam_s - 0.7 * h), x0_of(lam_s - 2.0 * h)
+        d1, d2 = solvers.multistep_derivatives(x0, x1, x2, h, 0.7 * h, 1.3 * h)
+        step3 = solvers.dpm_solver_pp_multistep_update(x_of(lam_s), x0, d1, d2, ab(lam_s), ab(lam_s + h))
+        step2 = solvers.dpm_solver_pp_update(x_of(lam_s), solvers.multistep_x0(x0, x1, h, 0.7 * h), ab(lam_s),
+                                             ab(lam_s + h))
+        e3.append((step3 - x_of(lam_s + h)).abs().item())
+        e2.append((step2 - x_of(lam_s + h)).abs().item())
+    assert all(6 < e2[k] / e2[k + 1] < 10 for k in range(2)), e2
+    assert all(13 < e3[k] / e3[k + 1] < 19 for k in range(2)), e3
+    assert all(a < b / 5 for a, b in zip(e3, e2))
+
+
+def test_3m_beats_2m_on_the_logsnr_grid():
+    """On the course's linear schedule and the "logsnr" grid, 20 steps of 3M land far closer to the exact ODE
+    solution than 20 of 2M (the last step to the data, x0_hat at index 0, leaves about 1e-4 for both)."""
+    d = ddpm.GaussianDiffusion("linear", T=1000)
+    x_T = torch.randn(512, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact, eps = exact_x0(d, x_T), gaussian_eps(d)
+    err = lambda order: (solvers.dpm_solver_pp_2m_sample(d, eps, x_T.shape, steps=20, x_T=x_T, spacing="logsnr",  # noqa: E731
+                                                         order=order) - exact).norm(dim=1).mean().item()
+    assert err(3) < err(2) / 5 and err(3) < 1e-3, (err(2), err(3))
+
+
+def test_3m_samplers_dispatch_are_seeded_and_reduce_to_the_ode():
+    diffusion = ddpm.GaussianDiffusion("linear", T=100)
+    model = toy_model(100).float()
+    shape = (64, 2)
+    run = lambda name, seed, **kw: solvers.sample_with(diffusion, model, shape, name, 10,  # noqa: E731
+                                                       generator=torch.Generator().manual_seed(seed), **kw)
+    ode3, ode2 = run("dpmpp3m", 1), run("dpmpp2m", 1)
+    assert torch.equal(ode3, solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=10, order=3,
+                                                             generator=torch.Generator().manual_seed(1)))
+    assert (ode3 - ode2).abs().max() > 1e-6                                     # third order changes the path
+    a, b, c = run("dpmpp3m_sde", 1), run("dpmpp3m_sde", 1), run("dpmpp3m_sde", 2)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3 and (a - ode3).abs().max() > 1e-3
+    torch.testing.assert_close(run("dpmpp3m_sde", 1, eta=0.0), ode3, rtol=0, atol=1e-6)
+    # two steps: first order, then the last step to the data: 3M is 2M is DDIM there
+    two = lambda order: solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=2, order=order,  # noqa: E731
+                                                        generator=torch.Generator().manual_seed(3))
+    assert torch.equal(two(3), two(2))
+    with pytest.raises(ValueError, match="order must be 2"):
+        solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=4, order=4)
     with pytest.raises(ValueError, match="eta must be 0"):
-        solvers.sample_with(diffusion, model, shape, "dpmpp2m_sde", 10, eta=0.5)
+        run("dpmpp3m", 1, eta=0.5)
+    with pytest.raises(ValueError, match="pass z"):
+        solvers.dpm_solver_pp_multistep_update(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2),
+                                               0.3, 0.5, eta=0.5)
