@@ -5,7 +5,8 @@ The samplers: DDPM's Algorithm 2 with all T network calls (``--no-ddpm`` skips i
 count of ``--ddim`` (on its own evenly spread grid), and, when ``--dpm`` gives step counts, the second-order
 DPM-Solver++ 2M (``diffusion_course.solvers``) on the grid that ``--spacing`` names (``linspace``, the DDIM grid, by
 default; ``leading`` or ``trailing``), and with ``--dpm-sde`` its stochastic form, DPM-Solver++ 2M SDE, on the same
-grid. DDIM and both DPM-Solver++ forms make one network call per step, so a row's step count is its cost.
+grid, once for each noise level of ``--sde-eta`` (1: the reverse SDE; between 0 and 1 it adds less noise). With
+``--dpm-orders 2,3`` both forms also run at third order (DPM-Solver++ 3M and 3M SDE), each a row of its own. DDIM and both DPM-Solver++ forms make one network call per step, so a row's step count is its cost.
 
 For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
 measures, with the package's digit classifier (``diffusion_course.metrics``):
@@ -28,6 +29,8 @@ difference between a generated and a real set is where the images came from.
     python benchmarks/bench_samplers.py --model ddpm_digits16 --n 1000 --seeds 3 --ddim 5,10,20,50 --dpm 5,10,20,50
     python benchmarks/bench_samplers.py --n 64 --seeds 1 --no-ddpm --ddim 10 --dpm 10 --spacing trailing
     python benchmarks/bench_samplers.py --n 512 --seeds 1 --ddim 50 --fd-sizes 128,256,512   # FD against n
+    python benchmarks/bench_samplers.py --n 512 --seeds 3 --ddim 25 --dpm-sde 25 --sde-eta 0.25,0.5,1
+    python benchmarks/bench_samplers.py --n 512 --seeds 3 --ddim 25 --dpm 25 --dpm-sde 25 --dpm-orders 2,3 --spacing logsnr
 
 The Fréchet distance of a finite set is biased upwards, the more the fewer samples there are: on this model the
 floor of real training digits falls from about 2.3 at 64 samples to about 0.7 at 512 (``--fd-sizes``), which is
@@ -61,6 +64,13 @@ def parse_steps(text: str) -> List[int]:
     return steps
 
 
+def parse_etas(text: str) -> List[float]:
+    etas = [float(s) for s in text.split(",") if s.strip()]
+    if not etas or min(etas) < 0 or max(etas) > 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated noise levels in [0, 1], got {text!r}")
+    return etas
+
+
 def fd_infinity(by_size: Dict[int, List[float]]) -> Dict[str, float]:
     """Least-squares fit of FD(n) = fd_inf + slope / n to every subset FD of every size (at least two sizes)."""
     pairs = [(1.0 / n, v) for n, values in by_size.items() for v in values]
@@ -84,6 +94,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
                    help="DPM-Solver++ 2M step counts, e.g. 10,20 (default: none)")
     p.add_argument("--dpm-sde", type=parse_steps, default=[],
                    help="DPM-Solver++ 2M SDE step counts (stochastic; e.g. 10,25), on the --spacing grid")
+    p.add_argument("--dpm-orders", type=parse_steps, default=[2],
+                   help="orders of the DPM-Solver++ rows: 2 (2M, default), 3 (3M) or 2,3 (both)")
+    p.add_argument("--sde-eta", type=parse_etas, default=[1.0],
+                   help="noise levels eta of DPM-Solver++ 2M SDE, each a row per --dpm-sde step count (default 1)")
     p.add_argument("--spacing", default="linspace", choices=solvers.SPACINGS,
                    help="time-step grid of DPM-Solver++ 2M (DDIM always uses its linspace grid)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the T-step ancestral sampler")
@@ -99,6 +113,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     args = p.parse_args(argv)
     if args.n < 2 or args.seeds < 1 or args.batch < 1:
         p.error("--n must be >= 2, --seeds and --batch >= 1")
+    if not set(args.dpm_orders) <= {2, 3}:
+        p.error(f"--dpm-orders takes 2 and 3, got {args.dpm_orders}")
 
     device = torch.device(args.device) if args.device else utils.get_device()
     model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
@@ -156,10 +172,11 @@ def main(argv: Any = None) -> Dict[str, Any]:
     print(f"floor, real train digits: FD {rows[0]['fd']['mean']:.3f} ± {rows[0]['fd']['std']:.3f}; "
           f"split-half of the test split ({half['n_half']} vs {half['n_half']}): {half['fd']:.3f} ± {half['fd_std']:.3f}")
 
-    dpm_name, sde_name = "DPM-Solver++ 2M", "DPM-Solver++ 2M SDE"
-    runs = (([] if args.no_ddpm else [("DDPM", diffusion.T)]) + [("DDIM", s) for s in args.ddim]
-            + [(dpm_name, s) for s in args.dpm] + [(sde_name, s) for s in args.dpm_sde])
-    for name, steps in runs:
+    runs = (([] if args.no_ddpm else [("DDPM", diffusion.T, None, 0)]) + [("DDIM", s, None, 0) for s in args.ddim]
+            + [(f"DPM-Solver++ {o}M", s, None, o) for o in args.dpm_orders for s in args.dpm]
+            + [(f"DPM-Solver++ {o}M SDE", s, e, o) for o in args.dpm_orders for s in args.dpm_sde for e in args.sde_eta])
+    for name, steps, eta, order in runs:
+        label = name if eta is None or eta == 1 else f"{name} (eta {eta:g})"
         fds, confs, secs, shifts = [], [], [], []
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(seed)
@@ -170,10 +187,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 shape = (min(args.batch, args.n - start), 1, size, size)
                 if name == "DDPM":
                     out.append(diffusion.sample(model, shape, generator=g, device=device, progress=False))
-                elif name in (dpm_name, sde_name):
+                elif order:
                     out.append(solvers.dpm_solver_pp_2m_sample(diffusion, model, shape, steps=steps,
                                                                spacing=args.spacing, generator=g, device=device,
-                                                               sde=name == sde_name))
+                                                               sde=name.endswith("SDE"), eta=eta, order=order))
                 else:
                     out.append(diffusion.ddim_sample(model, shape, steps=steps, generator=g, device=device,
                                                       progress=False))
@@ -181,16 +198,18 @@ def main(argv: Any = None) -> Dict[str, Any]:
             secs.append(time.perf_counter() - t0)
             images = to32(torch.cat(out).clamp(-1, 1))
             q = metrics.sample_quality(images, ref, clf, reference_name="digits test split")
-            subset_fds(f"{name} {steps}", images, seed)
+            subset_fds(f"{label} {steps}", images, seed)
             fds.append(q["fd"])
             shifts.append(metrics.frechet_terms(images, ref, extractor)["mean_term"])
             confs.append(q["confident_share"])
-        row = dict(sampler=name, steps=steps, fd=summary(fds), mean_term=summary(shifts), confident=summary(confs),
+        row = dict(sampler=label, steps=steps, fd=summary(fds), mean_term=summary(shifts), confident=summary(confs),
                    seconds=summary(secs), images_per_s=args.n / summary(secs)["mean"])
-        if name in (dpm_name, sde_name):
-            row["spacing"] = args.spacing
+        if order:
+            row["spacing"], row["order"] = args.spacing, order
+        if eta is not None:
+            row["eta"] = eta
         rows.append(row)
-        print(f"{name:>4} {steps:>5} steps: FD {row['fd']['mean']:.3f} ± {row['fd']['std']:.3f}, confident "
+        print(f"{label:>4} {steps:>5} steps: FD {row['fd']['mean']:.3f} ± {row['fd']['std']:.3f}, confident "
               f"{row['confident']['mean']:.1%}, {row['seconds']['mean']:.2f} s per {args.n} samples "
               f"({row['images_per_s']:.0f} images/s)")
 

@@ -62,14 +62,33 @@ def test_bench_samplers_runs_dpm_solver_beside_ddim(tmp_path, one_thread):
     assert trailing["rows"][2]["spacing"] == "trailing" and trailing["rows"][2]["fd"]["mean"] > 0
     with pytest.warns(UserWarning, match="fewer samples"):
         sde = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "3",
-                                           "--dpm-sde", "3", "--no-ddpm"])
-    assert [(r["sampler"], r["steps"]) for r in sde["rows"][1:]] == [("DDIM", 3), ("DPM-Solver++ 2M SDE", 3)]
+                                           "--dpm-sde", "3", "--sde-eta", "0.5,1", "--no-ddpm"])
+    assert [(r["sampler"], r["steps"]) for r in sde["rows"][1:]] == [
+        ("DDIM", 3), ("DPM-Solver++ 2M SDE (eta 0.5)", 3), ("DPM-Solver++ 2M SDE", 3)]
+    assert [r.get("eta") for r in sde["rows"][1:]] == [None, 0.5, 1.0]
     assert sde["rows"][2]["fd"]["mean"] > 0 and sde["rows"][2]["spacing"] == "linspace"
+    assert sde["rows"][2]["fd"]["mean"] != sde["rows"][3]["fd"]["mean"]
+
+
+def test_bench_samplers_runs_the_third_order_solver_on_the_logsnr_grid(one_thread):
+    with pytest.warns(UserWarning, match="fewer samples"):
+        result = load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "2",
+                                              "--dpm", "4", "--dpm-sde", "4", "--dpm-orders", "2,3",
+                                              "--spacing", "logsnr", "--no-ddpm"])
+    rows = result["rows"][2:]
+    assert [(r["sampler"], r["order"], r["spacing"]) for r in rows] == [
+        ("DPM-Solver++ 2M", 2, "logsnr"), ("DPM-Solver++ 3M", 3, "logsnr"),
+        ("DPM-Solver++ 2M SDE", 2, "logsnr"), ("DPM-Solver++ 3M SDE", 3, "logsnr")]
+    assert all(r["fd"]["mean"] > 0 for r in rows) and rows[0]["fd"]["mean"] != rows[1]["fd"]["mean"]
+    with pytest.raises(SystemExit):
+        load("bench_samplers").main(["--dpm", "5", "--dpm-orders", "4"])
 
 
 def test_bench_samplers_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         load("bench_samplers").main(["--n", "1"])
+    with pytest.raises(SystemExit):
+        load("bench_samplers").main(["--dpm-sde", "5", "--sde-eta", "1.5"])
     with pytest.raises(SystemExit):
         load("bench_samplers").main(["--ddim", "0,5"])
     with pytest.raises(SystemExit):
