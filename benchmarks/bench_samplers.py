@@ -6,7 +6,8 @@ count of ``--ddim`` (on its own evenly spread grid), and, when ``--dpm`` gives s
 DPM-Solver++ 2M (``diffusion_course.solvers``) on the grid that ``--spacing`` names (``linspace``, the DDIM grid, by
 default; ``leading`` or ``trailing``), and with ``--dpm-sde`` its stochastic form, DPM-Solver++ 2M SDE, on the same
 grid, once for each noise level of ``--sde-eta`` (1: the reverse SDE; between 0 and 1 it adds less noise). With
-``--dpm-orders 2,3`` both forms also run at third order (DPM-Solver++ 3M and 3M SDE), each a row of its own. DDIM and both DPM-Solver++ forms make one network call per step, so a row's step count is its cost.
+``--dpm-orders 2,3`` both forms also run at third order (DPM-Solver++ 3M and 3M SDE), each a row of its own. DDIM
+and every DPM-Solver++ form make one network call per step, so a row's step count is its cost.
 
 For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
 measures, with the package's digit classifier (``diffusion_course.metrics``):
@@ -97,7 +98,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--dpm-orders", type=parse_steps, default=[2],
                    help="orders of the DPM-Solver++ rows: 2 (2M, default), 3 (3M) or 2,3 (both)")
     p.add_argument("--sde-eta", type=parse_etas, default=[1.0],
-                   help="noise levels eta of DPM-Solver++ 2M SDE, each a row per --dpm-sde step count (default 1)")
+                   help="noise levels eta of the DPM-Solver++ SDE forms, each a row per --dpm-sde step count and order "
+                        "(default 1)")
     p.add_argument("--spacing", default="linspace", choices=solvers.SPACINGS,
                    help="time-step grid of DPM-Solver++ 2M (DDIM always uses its linspace grid)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the T-step ancestral sampler")
