@@ -16,6 +16,7 @@ Taught in lesson 00_setup (for learners: how exercises work; for maintainers: ho
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -142,7 +143,25 @@ def clean_source_notebook(nb: dict, url: str) -> dict:
     nb["cells"] = [_clean_cell(c) for c in nb["cells"]]
     for c in nb["cells"]:
         _set_source(c, _sync_install(_source(c), url) if c["cell_type"] == "code" else _source(c))
+    _give_ids(nb["cells"])
     return nb
+
+
+def _give_ids(cells: List[dict]) -> None:
+    """Give every cell without an ``id`` one (nbformat 4.5 requires it), made from its position and source so
+    that a rebuild gives the same id; ids already there are kept."""
+    taken = {c["id"] for c in cells if c.get("id")}
+    for k, c in enumerate(cells):
+        if c.get("id"):
+            continue
+        salt = 0
+        while True:
+            new = hashlib.sha1(f"{k}:{salt}:{_source(c)}".encode()).hexdigest()[:8]
+            if new not in taken:
+                break
+            salt += 1
+        c["id"] = new
+        taken.add(new)
 
 
 def learner_notebook(nb: dict, name: str, url: str) -> Tuple[dict, int]:

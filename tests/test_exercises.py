@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from diffusion_course import exercises
 from diffusion_course.exercises import ExerciseFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
+re_id = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what nbformat 4.5 allows as a cell id
 
 SOLUTION_CELL = '''# Exercise 9.1: add one
 def add_one(x):
@@ -121,3 +123,18 @@ def test_command_line_build_check(capsys):
 
     assert main(["build", "--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_cells_without_an_id_get_a_stable_unique_one_and_ids_there_are_kept():
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": "# 01 · First"}, _code("x = 1"), _code("x = 1"),
+             {"cell_type": "markdown", "id": "keep-me", "metadata": {}, "source": "text"}]
+    for c in cells[1:3]:
+        del c["id"]
+    first = exercises.clean_source_notebook(_nb(cells), "https://example.org/r")
+    again = exercises.clean_source_notebook(_nb(cells), "https://example.org/r")
+    ids = [c["id"] for c in first["cells"]]
+    assert ids == [c["id"] for c in again["cells"]]
+    assert len(set(ids)) == len(ids) and ids[3] == "keep-me"
+    assert all(re_id.fullmatch(i) for i in ids)
+    learner, _ = exercises.learner_notebook(_nb(cells), "01_first.ipynb", "https://example.org/r")
+    assert [c["id"] for c in learner["cells"] if c["id"] != "learner-note"] == ids

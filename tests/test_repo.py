@@ -87,6 +87,18 @@ def test_notebooks_have_no_outputs_and_no_hard_coded_cuda():
             assert not re.search(r"\.cuda\(\)|CUDA_VISIBLE_DEVICES", src), f"{p.name} hard-codes CUDA"
 
 
+def test_every_notebook_cell_has_a_unique_id():
+    """nbformat 4.5 requires an id on every cell (nbformat warns now and will refuse later); `build` adds any
+    that a new cell lacks."""
+    for p in NOTEBOOKS:
+        nb = json.loads(p.read_text())
+        ids = [c.get("id") for c in nb["cells"]]
+        assert nb["nbformat"] == 4 and nb["nbformat_minor"] >= 5, p.name
+        missing = [k for k, i in enumerate(ids) if not i]
+        assert not missing, f"{p.relative_to(ROOT)}: cells {missing} have no id (run python -m diffusion_course build)"
+        assert len(set(ids)) == len(ids), f"{p.relative_to(ROOT)}: cell ids repeat"
+
+
 def test_every_notebook_has_the_colab_setup_cell_with_the_repository_url():
     url = exercises.repository_url(ROOT)
     for p in NOTEBOOKS:

@@ -3,10 +3,13 @@ warning, every local link and image in it resolves, every lesson has a page that
 and the API reference links each docstring's lesson.
 
 The lessons are executed by the build, several at once, into the jupyter-cache under build/jupyter-cache (keyed
-by each lesson's code, the run mode and the package's files): on a clean clone this test executes them all,
-and a second run reuses what the first one executed as long as nothing it depends on changed.
+by each lesson's code, the run mode and the package's files), and a second build reuses what the first one
+executed as long as nothing it depends on changed. In the whole suite (`make test`) these tests run last and
+the cache already holds every lesson that nbval ran without an error (the root conftest.py stores them), so
+the build executes none of them again; run alone, this module executes them all.
 """
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -127,3 +130,55 @@ def test_the_link_checker_finds_what_is_broken(tmp_path):
     assert any("gone.png" in p for p in problems)
     assert any("nowhere" in p for p in problems)
     assert any("leaves the site" in p for p in problems)
+
+
+def _root_conftest():
+    spec = importlib.util.spec_from_file_location("course_root_conftest", ROOT / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_suite_stores_what_nbval_executed_where_the_site_build_finds_it(tmp_path, monkeypatch):
+    """The root conftest's cache entry for a lesson is found by the site's own lookup (the lesson page, i.e. the
+    solution form with its banner cell added), carries the outputs received for each code cell in order, and
+    leaves out widget views."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    monkeypatch.syspath_prepend(str(ROOT / "docs" / "_ext"))
+    from course_execution import cache_folder
+
+    monkeypatch.setenv("COURSE_SITE_CACHE", str(tmp_path))
+    root_conftest = _root_conftest()
+    src = ROOT / "notebooks" / "solutions" / "00_setup.ipynb"
+    nb = nbformat.read(src, as_version=4)
+    n_code = sum(c.cell_type == "code" for c in nb.cells)
+    record = root_conftest._LessonRecord(n_code)
+    widget = nbformat.v4.new_output("display_data", data={root_conftest.WIDGET_VIEW: {"model_id": "x"},
+                                                           "text/plain": "IntSlider(value=1)"})
+    for k in range(n_code):
+        text = nbformat.v4.new_output("stream", name="stdout", text=f"cell {k}\n")
+        record.outputs[k] = root_conftest._static_outputs([text, widget])
+    root_conftest._store_in_site_cache(src, nb, record)
+
+    page = nbformat.read(src, as_version=4)  # what docs/_ext/course_lessons.py makes of the lesson
+    page.cells.insert(1, nbformat.v4.new_markdown_cell("the banner", id="site-banner"))
+    cache = get_cache(str(cache_folder(ROOT, "quick")))
+    assert str(tmp_path) in str(cache_folder(ROOT, "quick"))
+    _, merged = cache.merge_match_into_notebook(page)
+    code = [c for c in merged.cells if c.cell_type == "code"]
+    assert [[o.get("text") for o in c.outputs] for c in code] == [[f"cell {k}\n"] for k in range(n_code)]
+    assert [c.execution_count for c in code] == list(range(1, n_code + 1))
+    edited = nbformat.read(src, as_version=4)
+    edited.cells[[c.cell_type for c in edited.cells].index("code")].source += "\nprint('changed')"
+    with pytest.raises(KeyError):  # an edited lesson is not matched: the site executes it again
+        cache.match_cache_notebook(edited)
+
+
+def test_the_site_tests_run_after_the_lessons(request):
+    """The root conftest moves this module's tests behind every notebook of the session."""
+    items = request.session.items
+    mine = [k for k, item in enumerate(items) if Path(str(item.fspath)) == Path(__file__).resolve()]
+    others = [k for k, item in enumerate(items) if Path(str(item.fspath)) != Path(__file__).resolve()]
+    assert mine and (not others or min(mine) > max(others))
