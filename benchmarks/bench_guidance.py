@@ -9,7 +9,10 @@
   the shapes ``test`` split and of the ``holdout`` split (captions with a colour-shape pair never seen in
   training), the share of samples whose every attribute is right by the shipped attribute classifier, with the
   objects, relations and positions separately (a layout model draws from the boxes of the same images). The real
-  images of each split give the classifier's ceiling.
+  images of each split give the classifier's ceiling. Each row also says what is wrong with the shapes
+  (``classifier.shape_diagnosis``: the share of samples with the right shapes, another number of shapes, colours
+  and kinds joined into the wrong pairs, wrong colours, wrong kinds, or both) and, on the samples whose shapes are
+  right, how often the caption's relation holds against how often its opposite does.
 
 A model is a shipped name or an exported folder, in pixel space (lessons 04, 07) or a latent diffusion model
 (lesson 08, e.g. ``ldm_digits32``, ``ldm_shapes32``), which samples latents and decodes them.
@@ -102,19 +105,30 @@ def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         ds = shapes.shapes_dataset(S, split)
         sub = ds.subset(torch.arange(min(args.n, len(ds))))
         real = classifier.adherence_of(segmenter, None, sub)
-        rows.append(dict(split=split, scale=None, name="real images", **_shares(real)))
+        rows.append(dict(split=split, scale=None, name="real images", **_shares(real),
+                         **_diagnosis(segmenter, sub.images, sub, real)))
         cond = encode_captions(sub.captions, config) if config.kind == "text" else sub.layout
         for s in args.scales:
             t0 = time.time()
             xs = draw(len(sub), cond, s, args.steps, args.seed)
             secs = time.time() - t0
-            rows.append(dict(split=split, scale=s, name=f"s = {s}", seconds=secs,
-                             **_shares(classifier.adherence_of(segmenter, xs, sub))))
+            result = classifier.adherence_of(segmenter, xs, sub)
+            rows.append(dict(split=split, scale=s, name=f"s = {s}", seconds=secs, **_shares(result),
+                             **_diagnosis(segmenter, xs, sub, result)))
     return dict(step=info["step"], rows=rows)
 
 
 def _shares(result: Dict[str, Any]) -> Dict[str, float]:
     return {k: result[k] for k in ("adherence", "objects_right", "relation_right", "position_right", "n")}
+
+
+def _diagnosis(segmenter: Any, images: torch.Tensor, sub: Any, result: Dict[str, Any]) -> Dict[str, float]:
+    """classifier.shape_diagnosis, flattened: the share of each kind of wrong shapes, and the relation against its
+    opposite on the samples whose shapes are right."""
+    d = classifier.shape_diagnosis(segmenter, images, sub, result)
+    return {**{f"shapes {kind}": share for kind, share in d["errors"].items()},
+            "relation if shapes right": d["relation_if_right"], "opposite if shapes right": d["opposite_if_right"],
+            "n relation if shapes right": d["n_relation_if_right"]}
 
 
 def main(argv: Any = None) -> Dict[str, Any]:

@@ -196,6 +196,34 @@ def _judge(found: List[Dict[str, Any]], objects: Sequence[Tuple[str, str]], rela
     return objects_ok, relation_ok, position_ok
 
 
+OBJECT_ERRORS: Tuple[str, ...] = ("right", "count", "binding", "colour", "kind", "colour and kind")
+
+
+def object_error(found: Sequence[Dict[str, Any]], objects: Sequence[Tuple[str, str]]) -> str:
+    """What is wrong with the shapes found in one image (``found``, as :func:`caption_adherence` returns them)
+    against its caption's (colour, kind) pairs, as one of :data:`OBJECT_ERRORS`:
+
+    * ``right``: the same pairs (as a multiset);
+    * ``count``: another number of shapes;
+    * ``binding``: the right colours and the right kinds, joined into the wrong pairs (a red square and a blue
+      circle for "a red circle ... a blue square");
+    * ``colour``, ``kind``, ``colour and kind``: the multiset of colours, of kinds, or of both differs.
+
+    Lesson: 07_cross_attention.
+    """
+    got = [(o["colour"], o["kind"]) for o in found]
+    want = [tuple(o) for o in objects]
+    if Counter(got) == Counter(want):
+        return "right"
+    if len(got) != len(want):
+        return "count"
+    colours_ok = Counter(c for c, _ in got) == Counter(c for c, _ in want)
+    kinds_ok = Counter(k for _, k in got) == Counter(k for _, k in want)
+    if colours_ok and kinds_ok:
+        return "binding"
+    return "kind" if colours_ok else "colour" if kinds_ok else "colour and kind"
+
+
 def caption_adherence(segmenter: ShapeSegmenter, images: torch.Tensor, objects: Sequence[Sequence[Tuple[str, str]]],
                       relations: Sequence[Optional[str]], positions: Sequence[Optional[str]],
                       min_pixels: Optional[int] = None, batch_size: int = 256) -> Dict[str, Any]:
@@ -243,6 +271,26 @@ def adherence_of(segmenter: ShapeSegmenter, images: Optional[torch.Tensor], data
     captions of ``data``. Lesson: 07_cross_attention."""
     return caption_adherence(segmenter, data.images if images is None else images, data.objects,
                              data.relations, data.positions, **kwargs)
+
+
+def shape_diagnosis(segmenter: ShapeSegmenter, images: torch.Tensor, data: shapes.ShapesData,
+                    result: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What goes wrong in ``images`` against the captions of ``data``: ``errors``, the share of the images in
+    each class of :data:`OBJECT_ERRORS` (:func:`object_error`); and, over the ``n_relation_if_right`` images
+    whose caption has a relation and whose shapes are right, the share where the caption's relation holds
+    (``relation_if_right``) and where its opposite holds (``opposite_if_right``; nan when there are none). A
+    model that ignores the relation word scores the two alike. ``result``: the :func:`adherence_of` of the
+    same images, if already computed. Lesson: 07_cross_attention."""
+    result = result or adherence_of(segmenter, images, data)
+    errors = [object_error(found, objects) for found, objects in zip(result["found"], data.objects)]
+    flipped = caption_adherence(segmenter, images, data.objects,
+                                [shapes.opposite_relation(r) for r in data.relations], data.positions)
+    judged = [(asked, opposite) for asked, opposite, e in zip(result["relation_correct"], flipped["relation_correct"],
+                                                              errors) if asked is not None and e == "right"]
+    mean = lambda values: float(np.mean(values)) if values else math.nan  # noqa: E731
+    return dict(errors={kind: errors.count(kind) / len(errors) for kind in OBJECT_ERRORS},
+                relation_if_right=mean([a for a, _ in judged]), opposite_if_right=mean([o for _, o in judged]),
+                n_relation_if_right=len(judged))
 
 
 @torch.no_grad()

@@ -116,6 +116,17 @@ def make_caption(objects: Sequence[Tuple[str, str]], relation: Optional[str] = N
     return text + (f" and {names[2]}" if len(objects) == 3 else "")
 
 
+def opposite_relation(relation: Optional[str]) -> Optional[str]:
+    """The relation that holds when ``relation`` is read the other way round ("below" for "above"); None for
+    None (a caption without a relation). Lesson: 07_cross_attention."""
+    if relation is None:
+        return None
+    opposite = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+    if relation not in opposite:
+        raise ValueError(f"unknown relation {relation!r}; valid: {', '.join(RELATIONS)}")
+    return opposite[relation]
+
+
 def relation_holds(relation: str, a: Tuple[float, float], b: Tuple[float, float], margin: float = 0.0) -> bool:
     """Whether ``a relation b`` holds for centres ``(x, y)`` (y down) along its dominant axis:
     ``above`` means ``y_b - y_a > |x_b - x_a| + margin``, and alike. Lesson: 07_cross_attention."""

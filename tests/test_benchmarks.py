@@ -112,6 +112,12 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
     names = [(r["split"], r["name"]) for r in shapes_result["rows"]]
     assert names == [("test", "real images"), ("test", "s = 1.0"), ("holdout", "real images"), ("holdout", "s = 1.0")]
     assert result["model"] == "cond_digits16" and shapes_result["model"] == "shapes_caption32"
+    real_row = shapes_result["rows"][0]  # the real images: every shape right, every relation and no opposite
+    assert real_row["shapes right"] == 1.0 and real_row["n relation if shapes right"] >= 1
+    assert real_row["relation if shapes right"] == 1.0 and real_row["opposite if shapes right"] == 0.0
+    for r in shapes_result["rows"]:
+        assert sum(r[f"shapes {kind}"] for kind in ("right", "count", "binding", "colour", "kind",
+                                                    "colour and kind")) == pytest.approx(1.0)
     with pytest.raises(SystemExit):
         load("bench_guidance").main(["--scales", "-1"])
     # a latent diffusion model (lesson 08) goes through the same script

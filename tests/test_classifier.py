@@ -2,6 +2,7 @@
 the parser recovers objects from a mask, wrong captions are rejected, training lowers the loss, and
 loading fails clearly."""
 import json
+import math
 
 import pytest
 import torch
@@ -156,3 +157,46 @@ def test_load_errors_are_clear(tmp_path):
     (folder / "config.json").write_text(json.dumps({"unet": {}}))
     with pytest.raises(ValueError, match="another kind"):
         C.load_shape_classifier(folder)
+
+
+def test_object_error_names_what_is_wrong_with_the_shapes_found():
+    def found(*pairs):
+        return [{"colour": c, "kind": k, "centre": (0.5, 0.5), "pixels": 50} for c, k in pairs]
+
+    want = [("red", "circle"), ("blue", "square")]
+    cases = {
+        "right": found(("blue", "square"), ("red", "circle")),           # order does not matter
+        "count": found(("red", "circle")),
+        "binding": found(("red", "square"), ("blue", "circle")),         # colours and kinds right, paired wrongly
+        "colour": found(("red", "circle"), ("green", "square")),
+        "kind": found(("red", "circle"), ("blue", "triangle")),
+        "colour and kind": found(("red", "circle"), ("green", "triangle")),
+    }
+    assert set(cases) == set(C.OBJECT_ERRORS)
+    for expected, f in cases.items():
+        assert C.object_error(f, want) == expected, expected
+    assert C.object_error(found(("red", "circle"), ("red", "circle"), ("blue", "square")), want) == "count"
+    # a repeated pair in the caption is a multiset: one red circle too few is not "right"
+    assert C.object_error(found(("red", "circle"), ("blue", "square")), want + [("red", "circle")]) == "count"
+
+
+def test_opposite_relations_pair_up_and_unknown_ones_are_refused():
+    for r in shapes.RELATIONS:
+        assert shapes.opposite_relation(shapes.opposite_relation(r)) == r != shapes.opposite_relation(r)
+    assert shapes.opposite_relation(None) is None
+    with pytest.raises(ValueError, match="unknown relation"):
+        shapes.opposite_relation("beside")
+
+
+def test_shape_diagnosis_on_true_masks_and_on_wrong_captions(test_data):
+    oracle = Oracle(test_data)
+    right = C.shape_diagnosis(oracle, test_data.images, test_data)
+    assert right["errors"]["right"] == 1.0 and sum(right["errors"].values()) == pytest.approx(1.0)
+    with_relation = sum(r is not None for r in test_data.relations)
+    assert right["n_relation_if_right"] == with_relation > 0
+    assert right["relation_if_right"] == 1.0 and right["opposite_if_right"] == 0.0
+    # the same images judged against captions whose first colour is changed: no shapes right, nothing judged
+    recol = shapes.ShapesData(**{**vars(test_data), "objects": recoloured(test_data.objects)})
+    wrong = C.shape_diagnosis(oracle, test_data.images, recol)
+    assert wrong["errors"]["right"] == 0.0 and wrong["errors"]["colour"] == 1.0
+    assert wrong["n_relation_if_right"] == 0 and math.isnan(wrong["relation_if_right"])
