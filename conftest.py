@@ -13,6 +13,7 @@ which nbval runs cell by cell.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -80,8 +81,6 @@ def pytest_runtest_makereport(item, call):
 
 def _store_in_site_cache(path: Path, nb, record: _LessonRecord) -> None:
     """Put the executed lesson into the quick mode's execution cache of the site."""
-    import copy
-
     try:
         from jupyter_cache import get_cache
         from jupyter_cache.base import CacheBundleIn
