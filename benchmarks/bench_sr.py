@@ -8,19 +8,26 @@ every method is scored on the very same LR inputs (all models must share the sca
 
 * ``bicubic``: the LR patches upsampled (the baseline every model must beat);
 * each model of ``--models``, DDIM with ``--steps`` steps (eta = 0);
+* with ``--unsteered``, the first model's frozen prior alone (a freshly built StableSR on it, whose zero-initialised
+  SFT layers leave the prior exactly as it is): what the sampler does without any trained steering;
 * with ``--color-fix adain,wavelet`` (or either), each model's images again after StableSR's colour correction
   towards the bicubic image (:func:`~diffusion_course.stablesr.color_fix`);
+* with ``--ilvr LEVELS``, each model sampled again with the LR image's low frequencies held at every step (ILVR,
+  ``SRDiffusion.sample(ilvr=LEVELS)``), from the same noise;
 * the first model again at each step count of ``--step-sweep`` (a count equal to ``--steps`` reuses that row's
   images, which the same seeds would reproduce exactly).
 
 Columns: PSNR (dB, peak-to-peak range 2, higher is better), SSIM (higher is better), a perceptual distance (lower
 is better; :class:`~diffusion_course.losses.PerceptualLoss`, an LPIPS-style distance whose weights are printed:
-ImageNet VGG16 when the torchvision weights are cached, otherwise a **random** VGG16 that is not LPIPS) and the
-wall time of sampling all ``--n`` patches. Sampling runs in batches of ``--batch``, each with its own
+ImageNet VGG16 when the torchvision weights are cached, otherwise a **random** VGG16 that is not LPIPS), for PSNR
+and the perceptual distance the paired difference to bicubic on the same patches (mean over patches, with its
+standard error: a difference of two or three standard errors is more than the choice of patches) and the wall
+time of sampling all ``--n`` patches. Sampling runs in batches of ``--batch``, each with its own
 ``torch.Generator`` seeded from ``--seed`` and the batch index, so a run is reproducible and every model starts
 from the same noise. Numbers are reported, never asserted.
 
     python benchmarks/bench_sr.py --n 200 --steps 50 --json sr.json
+    python benchmarks/bench_sr.py --n 200 --steps 25 --start-t 600 --color-fix wavelet --ilvr 2 --step-sweep ""
     OMP_NUM_THREADS=1 python benchmarks/bench_sr.py --n 32 --steps 10 --step-sweep "" --device cpu   # quick
 """
 from __future__ import annotations
@@ -42,7 +49,7 @@ from diffusion_course.data import get_dataset  # noqa: E402
 from diffusion_course.degradations import DegradationConfig, degrade, upsample  # noqa: E402
 from diffusion_course.losses import PerceptualLoss  # noqa: E402
 from diffusion_course.sr_training import hr_size  # noqa: E402
-from diffusion_course.stablesr import SRDiffusion, color_fix, load_sr, sr_scores  # noqa: E402
+from diffusion_course.stablesr import SRDiffusion, build_sr, color_fix, load_sr, per_image_scores  # noqa: E402
 from diffusion_course.training import stream_seed  # noqa: E402
 
 DEFAULT_MODELS = "sr_photos32,sr_photos32_agnostic,sr_photos32_concat"
@@ -80,40 +87,55 @@ def display_name(name: str) -> str:
     return path.name if path.is_dir() else name
 
 
+UNSTEERED = "unsteered"
+
+
 def label(name: str, model: SRDiffusion) -> str:
+    if name == UNSTEERED:
+        return "prior, unsteered"
     if model.kind == "stablesr":
         return f"{display_name(name)} (stablesr, {'time-aware' if model.time_aware else 'time-agnostic'})"
     return f"{display_name(name)} ({model.kind})"
 
 
 def super_resolve(model: SRDiffusion, lr: torch.Tensor, steps: int, seed: int, batch: int,
-                  device: torch.device, start_t: Optional[int] = None) -> Dict[str, Any]:
+                  device: torch.device, start_t: Optional[int] = None, ilvr: Optional[int] = None) -> Dict[str, Any]:
     """DDIM super-resolution of all of ``lr`` in batches, batch ``b`` with a generator seeded from
-    ``(seed, b)``, from pure noise or (``start_t``) from the LR image noised to that step; returns the images
-    (CPU) and the wall time."""
+    ``(seed, b)``, from pure noise or (``start_t``) from the LR image noised to that step, with ILVR of
+    ``ilvr`` levels if given; returns the images (CPU) and the wall time."""
     out = []
     utils.cuda_sync()
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(lr), batch)):
         g = torch.Generator().manual_seed(stream_seed(seed, 0, 1, b))
         out.append(model.sample(lr[start:start + batch].to(device), steps, sampler="ddim", generator=g,
-                                start_t=start_t).cpu())
+                                start_t=start_t, ilvr=ilvr).cpu())
     utils.cuda_sync()
     return {"images": torch.cat(out), "seconds": time.perf_counter() - t0}
 
 
 def score_row(method: str, images: torch.Tensor, hr: torch.Tensor, perceptual: PerceptualLoss, seconds: float,
-              **extra: Any) -> Dict[str, Any]:
-    scores = sr_scores(images, hr, perceptual)
-    return {"method": method, "psnr": scores["psnr"], "ssim": scores["ssim"], "perceptual": scores["perceptual"],
-            "seconds": seconds, **extra}
+              bicubic: Optional[Dict[str, torch.Tensor]] = None, **extra: Any) -> Dict[str, Any]:
+    """One table row: the mean scores of ``images`` and, against the per-patch scores ``bicubic``, the paired
+    differences ``psnr_vs_bicubic`` and ``perceptual_vs_bicubic`` with their standard errors (``..._se``)."""
+    each = per_image_scores(images, hr, perceptual)
+    row = {"method": method, **{k: float(each[k].mean()) for k in ("psnr", "ssim", "perceptual")},
+           "seconds": seconds, **extra}
+    for key in ("psnr", "perceptual"):
+        diff = each[key] - bicubic[key] if bicubic is not None else torch.zeros(len(images))
+        row[f"{key}_vs_bicubic"] = float(diff.mean())
+        row[f"{key}_vs_bicubic_se"] = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
+    return row
 
 
 def print_table(rows: Sequence[Dict[str, Any]]) -> None:
-    print("\n| method | PSNR dB (higher better) | SSIM (higher better) | perceptual (lower better) | seconds |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n| method | PSNR dB (higher better) | SSIM (higher better) | perceptual (lower better) | PSNR - bicubic "
+          "| perceptual - bicubic | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['perceptual']:.4f} | {r['seconds']:.2f} |")
+        print(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['perceptual']:.4f} "
+              f"| {r['psnr_vs_bicubic']:+.2f} ± {r['psnr_vs_bicubic_se']:.2f} "
+              f"| {r['perceptual_vs_bicubic']:+.4f} ± {r['perceptual_vs_bicubic_se']:.4f} | {r['seconds']:.2f} |")
 
 
 def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -136,12 +158,18 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    help="score on the held-out test patches (default) or on patches of the training split")
     p.add_argument("--start-t", type=int, default=None,
                    help="start every model from the LR image noised to this step index (default: pure noise)")
+    p.add_argument("--unsteered", action="store_true",
+                   help="also score the first model's prior alone (a fresh StableSR on it: no trained steering)")
+    p.add_argument("--ilvr", type=int, default=None, metavar="LEVELS",
+                   help="also sample every model with ILVR of this many wavelet levels (one more row per model)")
     p.add_argument("--batch", type=int, default=100, help="patches per sampling batch")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(args_list)
     if args.n < 1 or args.steps < 1 or args.batch < 1:
         p.error("--n, --steps and --batch must be >= 1")
+    if args.ilvr is not None and args.ilvr < 1:
+        p.error(f"--ilvr is a number of wavelet levels >= 1, got {args.ilvr}")
     device = utils.get_device(args.device)
 
     loaded = []
@@ -156,6 +184,10 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             p.error(f"every model must work at the same scale and high-resolution size to be scored on the same "
                     f"patches: {first_name} has scale {scale} at {size}x{size}, {name} has scale {model.scale} "
                     f"at {hr_size(model)}x{hr_size(model)}")
+    if args.unsteered:  # the zero-initialised SFT layers leave the frozen prior exactly as it is
+        torch.manual_seed(args.seed)
+        fresh = build_sr(first_config["sr"]["prior"], "stablesr", device=device).eval().requires_grad_(False)
+        loaded.append((UNSTEERED, fresh, {**first_config, "step": 0}))
     degradation = DegradationConfig.from_dict({**train["degradation"], "scale": train["scale"]})
     if degradation.scale != scale:
         p.error(f"{first_name}'s training config says scale {train['scale']} but the model has {scale}")
@@ -178,28 +210,34 @@ def run(args_list: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     t0 = time.perf_counter()
     bicubic = upsample(lr.to(device), scale).cpu()
     utils.cuda_sync()
-    rows = [score_row("bicubic", bicubic, hr, perceptual, time.perf_counter() - t0, model=None, steps=None)]
+    base = per_image_scores(bicubic, hr, perceptual)
+    rows = [score_row("bicubic", bicubic, hr, perceptual, time.perf_counter() - t0, base, model=None, steps=None)]
+    start = "pure noise" if args.start_t is None else f"the LR image noised to t = {args.start_t}"
     first_run = None
     for name, model, _ in loaded:
         out = super_resolve(model, lr, args.steps, args.seed, args.batch, device, args.start_t)
         first_run = first_run or out
-        rows.append(score_row(label(name, model), out["images"], hr, perceptual, out["seconds"],
+        rows.append(score_row(label(name, model), out["images"], hr, perceptual, out["seconds"], base,
                               model=display_name(name), steps=args.steps))
-        start = "pure noise" if args.start_t is None else f"the LR image noised to t = {args.start_t}"
         print(f"{rows[-1]['method']}: DDIM-{args.steps} from {start}, {out['seconds']:.2f} s")
         for method in args.color_fix:  # StableSR's colour corrections towards the bicubic image
             rows.append(score_row(f"{label(name, model)} + {method} fix", color_fix(out["images"], bicubic, method),
-                                  hr, perceptual, out["seconds"], model=display_name(name), steps=args.steps))
+                                  hr, perceptual, out["seconds"], base, model=display_name(name), steps=args.steps))
+        if args.ilvr is not None:
+            held = super_resolve(model, lr, args.steps, args.seed, args.batch, device, args.start_t, args.ilvr)
+            rows.append(score_row(f"{label(name, model)} + ILVR-{args.ilvr}", held["images"], hr, perceptual,
+                                  held["seconds"], base, model=display_name(name), steps=args.steps))
+            print(f"{rows[-1]['method']}: DDIM-{args.steps} from {start}, {held['seconds']:.2f} s")
     for k in args.step_sweep:
         out = first_run if k == args.steps else super_resolve(first, lr, k, args.seed, args.batch, device, args.start_t)
         rows.append(score_row(f"{display_name(first_name)}, DDIM-{k}", out["images"], hr, perceptual,
-                              out["seconds"], model=display_name(first_name), steps=k))
+                              out["seconds"], base, model=display_name(first_name), steps=k))
     print_table(rows)
 
     models = [dict(name=display_name(name), kind=model.kind, step=config.get("step"), prior=config["sr"]["prior"],
                    time_aware=getattr(model, "time_aware", None), dataset=config["train"]["dataset"])
               for name, model, config in loaded]
-    result = dict(rows=rows, n=args.n, steps=args.steps, step_sweep=args.step_sweep, start_t=args.start_t,
+    result = dict(rows=rows, n=args.n, steps=args.steps, step_sweep=args.step_sweep, start_t=args.start_t, ilvr=args.ilvr,
                   split=args.split, color_fix=args.color_fix, seed=args.seed, batch=args.batch,
                   perceptual_source=perceptual.source, dataset=train["dataset"], hr_size=size, scale=scale,
                   degradation=degradation.to_dict(), models=models, device=str(device),

@@ -124,7 +124,8 @@ class SRDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, lr: torch.Tensor, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
                generator: Optional[torch.Generator] = None, progress: bool = False,
-               x_T: Optional[torch.Tensor] = None, start_t: Optional[int] = None) -> torch.Tensor:
+               x_T: Optional[torch.Tensor] = None, start_t: Optional[int] = None,
+               ilvr: Optional[int] = None) -> torch.Tensor:
         """Super-resolve ``lr`` ``(B, C, h, w)``: start from noise and run DDIM (``steps`` calls) or DDPM
         (all T) with the LR-steered model; returns images ``(B, C, h * scale, w * scale)`` in [-1, 1].
 
@@ -132,31 +133,49 @@ class SRDiffusion(nn.Module):
         upsampled LR image noised to step k, and runs DDIM from there (SDEdit, Meng et al., 2022; StableSR's
         own sampling script starts this way at k = T - 1, which keeps a trace of the LR image under Stable
         Diffusion's schedule). A smaller k keeps more of the LR image and leaves less to the model.
+
+        ``ilvr`` (DDIM only; a number of wavelet levels) holds the low frequencies to the LR image at every
+        step, as ILVR does (Choi et al., 2021): after each update to step s, the low band of x_s is replaced by
+        that of a fresh draw y_s ~ q(y_s | c_LR) (at the end, by that of c_LR itself), so
+        ``x_s = high(x_s) + low(y_s)`` with :func:`wavelet_split`. ILVR's low-pass is "shrink by N, enlarge by
+        N"; the a-trous blur used here is the same idea, and the one the wavelet colour fix uses.
         Lesson: 09_stablesr."""
+        if ilvr is not None and (isinstance(ilvr, bool) or not isinstance(ilvr, int) or ilvr < 1):
+            raise ValueError(f"ilvr is a number of wavelet levels >= 1 (or None), got {ilvr!r}")
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler != "ddim" and (start_t is not None or ilvr is not None):
+            raise ValueError("start_t and ilvr work with the DDIM sampler")
         was_training = self.training
         self.eval()
         c_lr = self.lr_input(lr)
         model = lambda x, t: self.eps(x, t, c_lr)  # noqa: E731
         shape = tuple(c_lr.shape)
-        if start_t is not None:
-            if sampler != "ddim" or x_T is not None:
-                raise ValueError("start_t works with the DDIM sampler and without x_T")
-            if not 0 <= start_t < self.diffusion.T:
-                raise ValueError(f"start_t must be a step index in [0, {self.diffusion.T - 1}], got {start_t}")
-            x = self.diffusion.q_sample(c_lr, start_t, self.diffusion._randn(shape, like=c_lr, generator=generator))
-            seq = sorted({int(round(v)) for v in torch.linspace(0, start_t, steps).tolist()}, reverse=True)
+        if start_t is not None or ilvr is not None:
+            if start_t is not None:
+                if x_T is not None:
+                    raise ValueError("start_t starts from the noised LR image: give start_t or x_T, not both")
+                if not 0 <= start_t < self.diffusion.T:
+                    raise ValueError(f"start_t must be a step index in [0, {self.diffusion.T - 1}], got {start_t}")
+                x = self.diffusion.q_sample(c_lr, start_t, self.diffusion._randn(shape, like=c_lr, generator=generator))
+                seq = sorted({int(round(v)) for v in torch.linspace(0, start_t, steps).tolist()}, reverse=True)
+            else:
+                x = self.diffusion._start(model, shape, x_T, generator, self.device)
+                seq = self.diffusion.ddim_timesteps(steps)
             for k, t in enumerate(seq):
-                x = self.diffusion.ddim_step(model, x, t, seq[k + 1] if k + 1 < len(seq) else -1, eta,
-                                             generator=generator)
+                t_prev = seq[k + 1] if k + 1 < len(seq) else -1
+                x = self.diffusion.ddim_step(model, x, t, t_prev, eta, generator=generator)
+                if ilvr is not None:
+                    y = c_lr if t_prev < 0 else self.diffusion.q_sample(
+                        c_lr, t_prev, self.diffusion._randn(shape, like=c_lr, generator=generator))
+                    x = wavelet_split(x, ilvr)[0] + wavelet_split(y, ilvr)[1]
             x0 = x
         elif sampler == "ddim":
             x0 = self.diffusion.ddim_sample(model, shape, steps, eta, x_T=x_T, generator=generator,
                                             device=self.device, progress=progress)
-        elif sampler == "ddpm":
+        else:
             x0 = self.diffusion.sample(model, shape, x_T=x_T, generator=generator, device=self.device,
                                        progress=progress)
-        else:
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         self.train(was_training)
         return self.decode(x0)
 
@@ -437,28 +456,36 @@ def color_fix(sr: torch.Tensor, reference: torch.Tensor, method: str = "adain", 
     return out.clamp(-1.0, 1.0)
 
 
-def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module] = None) -> Dict[str, float]:
-    """How close super-resolved images ``sr`` are to the truth ``hr`` (both ``(B, C, H, W)`` in [-1, 1]),
-    averaged over the batch: ``psnr`` (dB, peak-to-peak range 2), ``ssim`` (torchmetrics' structural
-    similarity, range 2) and, given a ``perceptual`` distance module (e.g.
-    :class:`~diffusion_course.losses.PerceptualLoss`), ``perceptual`` (lower is better). Lesson: 09_stablesr."""
+def per_image_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module] = None
+                     ) -> Dict[str, torch.Tensor]:
+    """:func:`sr_scores` image by image: ``{"psnr": (B,), "ssim": (B,)}`` and, given ``perceptual``,
+    ``"perceptual": (B,)``, on the CPU; for paired comparisons of two methods on the same patches.
+    Lesson: 09_stablesr."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if sr.shape != hr.shape:
         raise ValueError(f"super-resolved {tuple(sr.shape)} and true {tuple(hr.shape)} images differ in shape")
     sr, hr = sr.detach().float().cpu().clamp(-1, 1), hr.detach().float().cpu()
     mse = (sr - hr).pow(2).flatten(1).mean(1)
-    out = {"psnr": float((10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean()),
-           "ssim": float(structural_similarity_index_measure(sr, hr, data_range=2.0))}
+    out = {"psnr": 10 * torch.log10(4.0 / mse.clamp_min(1e-12)),
+           "ssim": structural_similarity_index_measure(sr, hr, data_range=2.0, reduction="none").reshape(-1)}
     if perceptual is not None:
         with torch.no_grad():
             params = list(perceptual.parameters()) if isinstance(perceptual, nn.Module) else []
             where = params[0].device if params else torch.device("cpu")
-            out["perceptual"] = float(perceptual(sr.to(where), hr.to(where)).mean())
+            out["perceptual"] = perceptual(sr.to(where), hr.to(where)).detach().float().cpu().reshape(-1)
     return out
+
+
+def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module] = None) -> Dict[str, float]:
+    """How close super-resolved images ``sr`` are to the truth ``hr`` (both ``(B, C, H, W)`` in [-1, 1]),
+    averaged over the batch: ``psnr`` (dB, peak-to-peak range 2), ``ssim`` (torchmetrics' structural
+    similarity, range 2) and, given a ``perceptual`` distance module (e.g.
+    :class:`~diffusion_course.losses.PerceptualLoss`), ``perceptual`` (lower is better). Lesson: 09_stablesr."""
+    return {key: float(v.mean()) for key, v in per_image_scores(sr, hr, perceptual).items()}
 
 
 __all__: Sequence[str] = (
     "KINDS", "SRDiffusion", "StableSR", "ConcatSR", "encoder_config_for", "build_stablesr", "build_concat_sr",
     "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "color_fix",
-    "sr_scores")
+    "per_image_scores", "sr_scores")

@@ -9,9 +9,12 @@ Taught in lesson 04_unet.
     python -m diffusion_course sample --checkpoint runs/cond --out sevens.png --labels 7 --n 16 --guidance-scale 3
     python -m diffusion_course train --dataset shapes --condition caption --out runs/shapes
     python -m diffusion_course sample --checkpoint runs/shapes --out red.png --caption "a red circle above a blue square"
+    python -m diffusion_course train --init-from shapes_caption32 --steps 2000 --out runs/more  # fine-tune it
     torchrun --nproc_per_node=4 -m diffusion_course train ...              # one process per GPU (DDP)
 
-A resumed run takes every setting from its checkpoint; options given beside ``--resume`` override them,
+A run started with ``--init-from`` begins from a shipped model's weights (a new run: step 0, a fresh optimizer),
+with that model's network and, unless given, its data set, condition and schedule. A resumed run takes every setting
+from its checkpoint; options given beside ``--resume`` override them,
 and the trainer refuses those that would change what the model learns (e.g. ``--lr``).
 """
 from __future__ import annotations
@@ -69,8 +72,13 @@ TRAIN_HELP = {
                    "trains on its latents",
     "spatial": "latent diffusion's spatial condition concatenated to z_t: none, inpaint or semantic (shapes)",
     "p_hide_all": "inpainting runs: probability that a training mask hides the whole image (plain generation)",
+    "init_from": "fine-tune a shipped pixel-space model (name or exported folder): a new run starting from its "
+                 "weights, with its network, data set, image size, condition and schedule unless given",
 }
-OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str, "autoencoder": str}
+ENCODER_SETTINGS = ("depth", "num_heads", "max_length")  # a condition encoder's own sizes
+INIT_FROM_TASK = ("dataset", "image_size", "condition", "p_uncond", "T", "schedule", "clip_x0", "sampler", "sample_steps",
+                  "guidance_scale")  # what --init-from takes from the model unless given
+OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str, "autoencoder": str, "init_from": str}
 BOOLEANS = ("ema_warmup", "progress", "clip_x0")
 UNET_ARGS = {
     "model_channels": (int, "U-Net base channels"),
@@ -163,6 +171,13 @@ def _train(args: argparse.Namespace) -> int:
             if (Path(train_over["out"]) / ckpt.CHECKPOINT_FILE).exists():
                 return _fail(f"{train_over['out']} already holds a checkpoint; continue it with "
                              f"--resume {train_over['out']}, or choose another --out")
+            asset = None
+            if "init_from" in train_over:  # the model to fine-tune fixes the network and, unless given, the task
+                _, asset = read_asset(train_over["init_from"], "unet")
+                for key in INIT_FROM_TASK:
+                    if key in asset["train"]:
+                        train_over.setdefault(key, asset["train"][key])
+                unet_over = {**asset["unet"], **unet_over}
             config = TrainConfig.from_dict(train_over)
             info, _, created = setup_distributed(config.device)
             with main_process_first(info):  # one download at a time
@@ -170,9 +185,10 @@ def _train(args: argparse.Namespace) -> int:
             data = dataset.images  # (N, C, S, S)
             if config.condition != "none":
                 unet_over.setdefault("context_dim", 64)
-            cond, cc = conditional_data(dataset, config.condition, unet_over.get("context_dim") or 64)
+            encoder = {k: v for k, v in (asset or {}).get("conditioner", {}).items() if k in ENCODER_SETTINGS}
+            cond, cc = conditional_data(dataset, config.condition, unet_over.get("context_dim") or 64, **encoder)
             if config.autoencoder is None:
-                unet = UNetConfig(**{"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})
+                unet = UNetConfig.from_dict({"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})
                 trainer = Trainer(config, unet, data, cond, cc)
             else:  # a latent run: the U-Net's shape comes from the autoencoder (and the data set's maps)
                 _, ae = read_asset(config.autoencoder, "autoencoder")

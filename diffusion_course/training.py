@@ -61,7 +61,7 @@ from .guidance import ClassifierFreeGuidance, condition_dropout
 from .ldm import (SPATIAL, LatentDiffusion, box_keep_masks, encode_images, inpaint_condition, latent_diffusion_from,
                   latent_unet_config, random_keep_masks, semantic_condition, spatial_channels)
 from .nn import ConditionalDenoiser, ConditionerConfig, UNet, UNetConfig
-from .pretrained import load_autoencoder
+from .pretrained import load_autoencoder, read_asset
 from .schedules import SCHEDULES
 from .solvers import SAMPLERS, sample_with
 from .utils import ConfigDict, get_device, time_it
@@ -96,7 +96,12 @@ class TrainConfig(ConfigDict):
     (``none``, ``inpaint``, ``semantic``) its spatial condition; an inpainting run hides a random rectangle of
     each training latent, or with probability ``p_hide_all`` all of it, so that one model both inpaints and
     generates. ``clip_x0 = None`` means True in pixel space and False in latent space (clipping latents to
-    [-1, 1] is an error). Lesson: 04_unet.
+    [-1, 1] is an error). ``init_from`` (a shipped pixel-space model's name or an exported folder) starts the
+    weights, and their EMA, from that model's instead of from random ones: a new run (step 0, a fresh optimizer
+    and warm-up) that fine-tunes it; its network and condition encoder must be configured as the model's were.
+    With ``ema_warmup=False`` the EMA keeps its long memory from the first step, which suits a fine-tune (the
+    warm-up's short memory would forget the starting weights within a few hundred steps).
+    Lesson: 04_unet.
     """
 
     _what = "training configuration"
@@ -131,6 +136,7 @@ class TrainConfig(ConfigDict):
     autoencoder: Optional[str] = None
     spatial: str = "none"
     p_hide_all: float = 0.5
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.clip_x0 is None:
@@ -441,6 +447,8 @@ class Trainer:
         if c.autoencoder is not None and not isinstance(self.model, ConditionalDenoiser):
             self.model = ConditionalDenoiser(self.model)  # the home of the concatenated spatial condition
         self.model = self.model.to(self.device)
+        if c.init_from is not None:
+            self._init_from(c.init_from)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
         self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
@@ -600,6 +608,26 @@ class Trainer:
         if not (self.config.out and self.dist.is_main):
             return None
         return save_grid(self.sample(), Path(self.config.out) / "samples" / f"step_{self.step:06d}.png")
+
+    def _init_from(self, name: str) -> None:
+        """Load the weights of the shipped model (or exported folder) ``name`` into the fresh model, after checking
+        that it was built with this run's U-Net and condition-encoder configuration."""
+        if self.config.autoencoder is not None:
+            raise ValueError("init_from starts a pixel-space run from a shipped model; a latent diffusion run "
+                             "(autoencoder=...) cannot use it")
+        state, config = read_asset(name, "unet")
+        saved = {"unet": config["unet"], "conditioner": config.get("conditioner")}
+        mine = {"unet": self.unet_config.to_dict(),
+                "conditioner": self.conditioner_config.to_dict() if self.conditioner_config is not None else None}
+        if (saved["conditioner"] is None) != (mine["conditioner"] is None):
+            raise ValueError(f"init_from={name!r} is {'an un' if saved['conditioner'] is None else 'a '}conditional "
+                             f"model, this run is {'un' if mine['conditioner'] is None else ''}conditional")
+        saved = ckpt.with_added_settings(saved, mine, {"unet": UNetConfig, "conditioner": ConditionerConfig})
+        diffs = ckpt.config_differences(saved, mine)
+        if diffs:
+            raise ValueError(f"init_from={name!r} was built differently from this run's network:\n  "
+                             + "\n  ".join(diffs) + "\nconfigure the U-Net and the condition encoder as it was")
+        self.model.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def configs(self) -> Dict[str, Dict[str, Any]]:

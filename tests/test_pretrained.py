@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -97,3 +99,51 @@ def test_the_shipped_class_conditional_model_draws_the_asked_for_digit():
         share[s] = (clf.predict_proba(data.resize(x, 32)).argmax(1) == want).float().mean().item()
     print(share)
     assert share[3.0] > 0.9 and share[0.0] < 0.5
+
+
+def test_init_from_starts_a_new_run_from_a_shipped_model(tiny_run, tmp_path, capsys):
+    from diffusion_course.__main__ import main
+
+    folder = pretrained.export(tiny_run, tmp_path / "tiny", command="python -m diffusion_course train ...")
+    state, _ = pretrained.read_asset(folder, "unet")
+    unet = UNetConfig(image_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(2,), num_heads=2, norm_groups=4)
+    cfg = dict(dataset="digits", image_size=8, batch_size=8, steps=2, T=20, sample_steps=5, sample_every=0,
+               checkpoint_every=0,
+               progress=False, seed=5)
+    trainer = Trainer(TrainConfig(**cfg, init_from=str(folder)), unet)
+    assert trainer.step == 0
+    for name, v in trainer.model.state_dict().items():
+        assert torch.equal(v, state[name]) and torch.equal(trainer.ema.state_dict()[name], v), name
+    trainer.train()  # and it trains on from there
+    assert trainer.step == 2 and not all(torch.equal(v, state[k]) for k, v in trainer.model.state_dict().items())
+    fresh = Trainer(TrainConfig(**cfg), unet)
+    assert not all(torch.equal(v, state[k]) for k, v in fresh.model.state_dict().items())
+    other = UNetConfig(**{**unet.to_dict(), "model_channels": 16})
+    with pytest.raises(ValueError, match="model_channels"):
+        Trainer(TrainConfig(**cfg, init_from=str(folder)), other)
+    with pytest.raises(ValueError, match="conditional"):
+        Trainer(TrainConfig(**{**cfg, "condition": "class"}, init_from=str(folder)),
+                UNetConfig(**{**unet.to_dict(), "context_dim": 64}),
+                conditioner_config=ConditionerConfig(kind="class", context_dim=64, num_classes=10))
+    with pytest.raises(ValueError, match="no shipped unet model"):
+        Trainer(TrainConfig(**cfg, init_from=str(tmp_path / "nowhere")), unet)
+
+    # the command line takes the network and the task from the model: only the run's own settings are given
+    run = tmp_path / "finetune"
+    assert main(["train", "--init-from", str(folder), "--steps", "2", "--batch-size", "4", "--sample-every", "0",
+                 "--n-samples", "1", "--checkpoint-every", "0", "--no-progress", "--device", "cpu", "--out",
+                 str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["init_from"] == str(folder) and config["train"]["T"] == 20
+    assert config["train"]["image_size"] == 8 and config["unet"]["model_channels"] == 8
+    assert main(["train", "--init-from", str(folder), "--model-channels", "16", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "model_channels" in capsys.readouterr().err
+    # a shipped caption model: its condition encoder's sizes come with it
+    caption = tmp_path / "caption"
+    assert main(["train", "--init-from", "shapes_caption32", "--steps", "1", "--batch-size", "2", "--sample-every",
+                 "0", "--n-samples", "1", "--sample-steps", "2", "--checkpoint-every", "0", "--no-progress",
+                 "--device", "cpu", "--out", str(caption)]) == 0
+    config = json.loads((caption / "config.json").read_text())
+    assert config["train"]["condition"] == "caption" and config["conditioner"]["depth"] == 2

@@ -252,6 +252,59 @@ def test_sampling_from_the_noised_lr_image(prior_dir):
         model.sample(lr, sampler="ddpm", start_t=5)
 
 
+def test_ilvr_holds_the_low_frequencies_to_the_lr_image(prior_dir):
+    from diffusion_course.stablesr import wavelet_split
+    torch.manual_seed(0)
+    model = build_sr(prior_dir, "concat", device="cpu")
+    _unzero(model.unet)
+    lr = degrade(_images(2), DegradationConfig(), seed=0)
+    c_lr = model.lr_input(lr)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    eps = lambda x, t: model.eps(x, t, c_lr)  # noqa: E731
+    d = model.diffusion
+    # by hand: start at step 10; DDIM to 5 and to 0, each time swapping in the low band of a fresh draw of
+    # q(y_s | c_LR); DDIM to x_0 and swap in the low band of c_LR itself
+    gen = g()
+    x = d.q_sample(c_lr, 10, d._randn(c_lr.shape, like=c_lr, generator=gen))
+    for t, s in ((10, 5), (5, 0)):
+        x = d.ddim_step(eps, x, t, s)
+        y = d.q_sample(c_lr, s, d._randn(c_lr.shape, like=c_lr, generator=gen))
+        x = wavelet_split(x, 2)[0] + wavelet_split(y, 2)[1]
+    x = d.ddim_step(eps, x, 0, -1)
+    want = model.decode(wavelet_split(x, 2)[0] + wavelet_split(c_lr, 2)[1])
+    got = model.sample(lr, steps=3, generator=g(), start_t=10, ilvr=2)
+    assert torch.allclose(got, want, atol=1e-6)
+    plain = model.sample(lr, steps=3, generator=g(), start_t=10)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    # from pure noise (or a given x_T): seeded, and x_T is used
+    z = torch.randn(c_lr.shape, generator=torch.Generator().manual_seed(1))
+    a = model.sample(lr, steps=3, x_T=z, ilvr=1, generator=g())
+    assert torch.equal(a, model.sample(lr, steps=3, x_T=z, ilvr=1, generator=g()))
+    assert not torch.equal(a, model.sample(lr, steps=3, x_T=-z, ilvr=1, generator=g()))
+    assert model.sample(lr, steps=2, ilvr=2, generator=g()).shape == (2, 3, 16, 16)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="ilvr is a number of wavelet levels"):
+            model.sample(lr, steps=2, ilvr=bad)
+    with pytest.raises(ValueError, match="DDIM sampler"):
+        model.sample(lr, sampler="ddpm", ilvr=2)
+    with pytest.raises(ValueError, match="not both"):
+        model.sample(lr, start_t=5, x_T=z)
+
+
+def test_per_image_scores_average_to_sr_scores():
+    from diffusion_course.stablesr import per_image_scores, sr_scores
+    hr = _images(4)
+    noisy = (hr + torch.linspace(0.02, 0.3, 4).view(4, 1, 1, 1) * torch.randn(hr.shape, generator=torch.Generator(
+        ).manual_seed(0))).clamp(-1, 1)
+    dist = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731
+    each, mean = per_image_scores(noisy, hr, dist), sr_scores(noisy, hr, dist)
+    for key in ("psnr", "ssim", "perceptual"):
+        assert each[key].shape == (4,)
+        assert abs(float(each[key].mean()) - mean[key]) < 1e-5
+    assert (each["psnr"].diff() < 0).all() and (each["perceptual"].diff() > 0).all()  # more noise, worse
+    assert float(per_image_scores(hr[:1], hr[:1])["ssim"][0]) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_color_fix_takes_the_reference_statistics():
     from diffusion_course.stablesr import color_fix
     g = torch.Generator().manual_seed(0)
