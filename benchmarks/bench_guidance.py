@@ -17,11 +17,14 @@
 A model is a shipped name or an exported folder, in pixel space (lessons 04, 07) or a latent diffusion model
 (lesson 08, e.g. ``ldm_digits32``, ``ldm_shapes32``), which samples latents and decodes them.
 
-Every row uses DDIM with ``--steps`` steps; the numbers are reported, never asserted.
+Every row uses the sampler ``--sampler`` (default DDIM; ``ddpm`` is Algorithm 2 with all T steps, ``dpmpp2m`` and
+``dpmpp2m_sde`` the DPM-Solver++ forms of lesson 04) with ``--steps`` network calls, and ``--eta`` for the samplers
+that take one (DDIM's eta, the SDE's noise level); the numbers are reported, never asserted.
 
     python benchmarks/bench_guidance.py --task digits --model cond_digits16 --n 1000 --scales 0,1,2,3,5,8
     python benchmarks/bench_guidance.py --task shapes --model shapes_caption32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 500 --scales 1,3,5
+    python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --sampler dpmpp2m_sde --steps 50
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,6 +43,7 @@ import torch  # noqa: E402
 from diffusion_course import classifier, data, ldm, metrics, pretrained, shapes, utils  # noqa: E402
 from diffusion_course.conditions import encode_captions  # noqa: E402
 from diffusion_course.nn import ConditionerConfig  # noqa: E402
+from diffusion_course.solvers import SAMPLERS  # noqa: E402
 from diffusion_course.training import sample_images  # noqa: E402
 
 
@@ -60,26 +64,27 @@ def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tens
     spread = sum((feats[want == c] - feats[want == c].mean(0)).norm(dim=1).mean().item() for c in classes)
     return dict(adherence=(probs.argmax(1) == want).float().mean().item(),
                 fd=metrics.frechet_distance(images, reference, metrics.ClassifierFeatures(clf)),
-                spread=spread / len(classes))
+                spread=spread / len(classes) if classes else float("nan"))  # no label drawn twice: no spread
 
 
-def load_model(name: str, device: torch.device) -> Tuple[Callable[..., torch.Tensor], int, Dict[str, Any]]:
+def load_model(name: str, device: torch.device, sampler: str = "ddim", eta: Optional[float] = None
+               ) -> Tuple[Callable[..., torch.Tensor], int, Dict[str, Any]]:
     """``(draw(n, cond, scale, steps, seed) -> images in [-1, 1], image size, config dict)`` of a shipped pixel or
-    latent model."""
+    latent model, sampling with ``sampler`` (and ``eta``)."""
     if name in pretrained.available("ldm") or (Path(name) / "config.json").is_file() and \
             "ldm" in json.loads((Path(name) / "config.json").read_text()):
         latent, info = ldm.load_latent_diffusion(name, device=device)
         return (lambda n, cond, scale, steps, seed: latent.sample(n, cond=cond, guidance_scale=scale, steps=steps,
-                                                                   seed=seed),
+                                                                   seed=seed, sampler=sampler, eta=eta),
                 latent.autoencoder.config.image_size, info)
     model, diffusion, info = pretrained.load_pretrained(name, device=device)
-    return (lambda n, cond, scale, steps, seed: sample_images(model, diffusion, n, "ddim", steps, seed=seed,
+    return (lambda n, cond, scale, steps, seed: sample_images(model, diffusion, n, sampler, steps, seed=seed, eta=eta,
                                                                progress=False, cond=cond, guidance_scale=scale),
             model.config.image_size, info)
 
 
 def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    draw, S, info = load_model(args.model, device)
+    draw, S, info = load_model(args.model, device, args.sampler, args.eta)
     to32 = lambda x: data.resize(x.cpu(), 32)  # noqa: E731
     clf = metrics.load_digit_classifier(32)
     reference = to32(data.get_dataset("digits", image_size=S, split="test").images)
@@ -97,7 +102,7 @@ def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, An
 
 
 def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    draw, S, info = load_model(args.model, device)
+    draw, S, info = load_model(args.model, device, args.sampler, args.eta)
     config = ConditionerConfig.from_dict(info["conditioner"])
     segmenter = classifier.load_shape_classifier()
     rows = []
@@ -139,7 +144,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--n", type=int, default=1000, help="samples per scale (shapes: captions per split)")
     p.add_argument("--scales", type=parse_scales, default=parse_scales("0,1,2,3,5,8"), help="guidance scales")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="network calls per sample (ddpm: ignored, all T)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler (default ddim)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta or the SDE samplers' noise level (default: "
+                                                           "the sampler's own, 0 for DDIM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -148,7 +156,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     args.model = args.model or {"digits": "cond_digits16", "shapes": "shapes_caption32"}[args.task]
     device = torch.device(args.device) if args.device else utils.get_device()
     result = (bench_digits if args.task == "digits" else bench_shapes)(args, device)
-    result.update(task=args.task, model=args.model, n=args.n, steps=args.steps, device=str(device),
+    result.update(task=args.task, model=args.model, n=args.n, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                  device=str(device),
                   torch=torch.__version__, machine=platform.machine())
     for r in result["rows"]:
         where = f"{r['split']:>8} " if "split" in r else ""

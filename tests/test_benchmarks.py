@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +125,20 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
     latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
                                           "--scales", "3", "--steps", "2"])
     assert latent["model"] == "ldm_shapes32" and len(latent["rows"]) == 4
+    # the sampler is a choice, recorded, and reaches pixel and latent models alike
+    bench, cpu, labels = load("bench_guidance"), torch.device("cpu"), torch.tensor([1, 2])
+    for name in ("cond_digits16", "ldm_digits32"):
+        ddim = bench.load_model(name, cpu)[0](2, labels, 3.0, 3, 0)
+        sde = bench.load_model(name, cpu, "dpmpp2m_sde", 1.0)[0](2, labels, 3.0, 3, 0)
+        assert ddim.shape == sde.shape and not torch.allclose(ddim, sde), name
+        assert torch.equal(ddim, bench.load_model(name, cpu, "ddim", 0.0)[0](2, labels, 3.0, 3, 0)), name
+    with pytest.warns(UserWarning, match="fewer samples"):
+        other = bench.main(["--task", "digits", "--device", "cpu", "--n", "2", "--scales", "3", "--steps", "2",
+                            "--sampler", "dpmpp2m", "--seed", "1"])
+    assert other["sampler"] == "dpmpp2m" and other["eta"] is None
+    assert all(r["spread"] != r["spread"] for r in other["rows"])  # NaN: with 2 samples no label is drawn twice
+    with pytest.raises(SystemExit):
+        bench.main(["--sampler", "euler"])
 
 
 def test_bench_ldm_tasks_measures_inpainting_layout_and_semantic_maps(tmp_path, one_thread):
