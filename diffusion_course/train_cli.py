@@ -94,6 +94,10 @@ UNET_ARGS = {
     "transformer_depth": (int, "transformer blocks per attention site of a conditional U-Net"),
     "num_head_channels": (int, "channels per attention head (-1: use --num-heads)"),
 }
+TEXT_ARGS = {  # the caption encoder's own sizes (ConditionerConfig fields), by option
+    "text_depth": ("depth", "transformer layers of the caption encoder tau_theta"),
+    "text_heads": ("num_heads", "attention heads of the caption encoder's layers"),
+}
 
 
 def _add_train_parser(subparsers: Any) -> None:
@@ -112,6 +116,10 @@ def _add_train_parser(subparsers: Any) -> None:
     for name, (kind, text) in UNET_ARGS.items():
         default = UNetConfig.__dataclass_fields__[name].default
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} (default: {default})")
+    for name, (field, text) in TEXT_ARGS.items():
+        default = ConditionerConfig.__dataclass_fields__[field].default
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"{text} (caption conditions; default: {default})")
     p.set_defaults(func=_train)
 
 
@@ -156,6 +164,7 @@ def _train(args: argparse.Namespace) -> int:
     train_over: Dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                                   if getattr(args, f.name) is not None}
     unet_over = {k: getattr(args, k) for k in UNET_ARGS if getattr(args, k) is not None}
+    text_over = {field: getattr(args, k) for k, (field, _) in TEXT_ARGS.items() if getattr(args, k) is not None}
     created = False  # whether this command (rather than the trainer) joined a process group
     try:
         if args.resume:
@@ -163,6 +172,9 @@ def _train(args: argparse.Namespace) -> int:
             train_over.setdefault("out", str(args.resume))
             config = TrainConfig.from_dict({**saved["train"], **train_over})
             cc = ConditionerConfig.from_dict(saved["conditioner"]) if saved.get("conditioner") else None
+            if text_over and (cc is None or cc.kind != "text"):
+                raise ValueError("--text-depth and --text-heads size a caption encoder; this run has none")
+            cc = ConditionerConfig.from_dict({**cc.to_dict(), **text_over}) if text_over else cc
             trainer = Trainer(config, UNetConfig.from_dict({**saved["unet"], **unet_over}), conditioner_config=cc)
             trainer.load(args.resume)
         else:
@@ -185,7 +197,11 @@ def _train(args: argparse.Namespace) -> int:
             data = dataset.images  # (N, C, S, S)
             if config.condition != "none":
                 unet_over.setdefault("context_dim", 64)
+            if text_over and config.condition != "caption":
+                raise ValueError(f"--text-depth and --text-heads size a caption encoder; condition is "
+                                 f"{config.condition!r}")
             encoder = {k: v for k, v in (asset or {}).get("conditioner", {}).items() if k in ENCODER_SETTINGS}
+            encoder.update(text_over)
             cond, cc = conditional_data(dataset, config.condition, unet_over.get("context_dim") or 64, **encoder)
             if config.autoencoder is None:
                 unet = UNetConfig.from_dict({"image_size": data.shape[-1], "in_channels": data.shape[1], **unet_over})

@@ -1,6 +1,7 @@
 """Classifier-free guidance and conditional training: the guidance combination at its two anchor scales,
 one batched call, condition dropout, a conditioned training step that reaches the condition encoder, exact
 resume with a conditioner, and the conditional command line."""
+import json
 import math
 
 import pytest
@@ -248,3 +249,23 @@ def test_command_line_samples_a_caption_conditional_model_and_names_unknown_word
     assert main(["sample", "--checkpoint", str(run), "--out", str(grid), "--caption", "a purple circle",
                  "--n", "2", "--steps", "2"]) == 2
     assert "purple" in capsys.readouterr().err
+
+
+def test_command_line_sizes_the_caption_encoder(tmp_path, capsys):
+    base = ["--dataset", "shapes", "--image-size", "16", "--context-dim", "8", "--batch-size", "4", "--steps", "1",
+            "--T", "20", "--sample-steps", "2", "--n-samples", "2", "--model-channels", "8", "--channel-mult", "1,2",
+            "--num-res-blocks", "1", "--num-heads", "2", "--norm-groups", "4", "--no-progress", "--device", "cpu"]
+    run = tmp_path / "deep"
+    assert main(["train", *base, "--condition", "caption", "--text-depth", "3", "--text-heads", "2",
+                 "--out", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())["conditioner"]
+    assert (saved["depth"], saved["num_heads"]) == (3, 2)
+    model, _, configs = load_checkpoint(run, "cpu")
+    assert len(model.conditioner.encoder.layers) == 3 and configs["conditioner"].depth == 3
+    # resuming keeps them; another depth would be another model and is refused by name
+    assert main(["train", "--resume", str(run), "--steps", "2", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "3", "--text-depth", "2", "--no-progress"]) == 2
+    assert "conditioner.depth" in capsys.readouterr().err
+    # only a caption condition has a text encoder to size
+    assert main(["train", *base, "--condition", "class", "--text-depth", "3", "--out", str(tmp_path / "c")]) == 2
+    assert "caption encoder" in capsys.readouterr().err
