@@ -166,9 +166,8 @@ class SRDiffusion(nn.Module):
                 t_prev = seq[k + 1] if k + 1 < len(seq) else -1
                 x = self.diffusion.ddim_step(model, x, t, t_prev, eta, generator=generator)
                 if ilvr is not None:
-                    y = c_lr if t_prev < 0 else self.diffusion.q_sample(
-                        c_lr, t_prev, self.diffusion._randn(shape, like=c_lr, generator=generator))
-                    x = wavelet_split(x, ilvr)[0] + wavelet_split(y, ilvr)[1]
+                    noise = self.diffusion._randn(shape, like=c_lr, generator=generator) if t_prev >= 0 else None
+                    x = ilvr_swap(x, c_lr, t_prev, ilvr, self.diffusion, noise)
             x0 = x
         elif sampler == "ddim":
             x0 = self.diffusion.ddim_sample(model, shape, steps, eta, x_T=x_T, generator=generator,
@@ -430,6 +429,25 @@ def wavelet_split(x: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Ten
     return x - low, low
 
 
+def ilvr_swap(x: torch.Tensor, c_lr: torch.Tensor, t: int, levels: int, diffusion: GaussianDiffusion,
+              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ILVR's step (Choi et al., 2021) for a state ``x`` ``(B, c, h, w)`` just reached at step index ``t``
+    (``-1``: x_0): the high band of ``x`` plus the low band of y_t ~ q(y_t | c_LR), that is
+    ``sqrt(abar_t) c_lr + sqrt(1 - abar_t) noise`` (at ``t = -1``, ``c_lr`` itself), split by
+    :func:`wavelet_split` with ``levels``. :meth:`SRDiffusion.sample` applies it after every step when given
+    ``ilvr=levels``. Lesson: 09_stablesr."""
+    if x.shape != c_lr.shape:
+        raise ValueError(f"the state {tuple(x.shape)} and c_LR {tuple(c_lr.shape)} differ in shape")
+    if t < 0:
+        y = c_lr
+    elif noise is None:
+        raise ValueError(f"at step {t} the swap needs the noise of y_t ~ q(y_t | c_LR); only t = -1 (x_0) takes c_LR "
+                         f"as it is")
+    else:
+        y = diffusion.q_sample(c_lr, t, noise)
+    return wavelet_split(x, levels)[0] + wavelet_split(y, levels)[1]
+
+
 def color_fix(sr: torch.Tensor, reference: torch.Tensor, method: str = "adain", levels: int = 2,
               eps: float = 1e-5) -> torch.Tensor:
     """StableSR's two colour corrections, applied after sampling to super-resolved images ``sr`` ``(B, C, H, W)``
@@ -487,5 +505,5 @@ def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module
 
 __all__: Sequence[str] = (
     "KINDS", "SRDiffusion", "StableSR", "ConcatSR", "encoder_config_for", "build_stablesr", "build_concat_sr",
-    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "color_fix",
-    "per_image_scores", "sr_scores")
+    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "ilvr_swap",
+    "color_fix", "per_image_scores", "sr_scores")

@@ -127,3 +127,44 @@ def test_encoder_forward_checker():
         raise NotImplementedError
     used = check_encoder_forward(stub)
     assert used is not stub
+
+
+def test_ilvr_swap_checker():
+    from diffusion_course.checks import check_ilvr_swap, ref_ilvr_swap
+    from diffusion_course.stablesr import wavelet_split
+
+    state = torch.random.get_rng_state()
+
+    def mine(x, c_lr, t, levels, diffusion, noise):
+        y = c_lr if t < 0 else diffusion.q_sample(c_lr, t, noise)
+        return wavelet_split(x, levels)[0] + wavelet_split(y, levels)[1]
+    assert check_ilvr_swap(mine) is mine
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+    def swapped(x, c_lr, t, levels, diffusion, noise):
+        y = c_lr if t < 0 else diffusion.q_sample(c_lr, t, noise)
+        return wavelet_split(y, levels)[0] + wavelet_split(x, levels)[1]
+
+    def unnoised(x, c_lr, t, levels, diffusion, noise):
+        return wavelet_split(x, levels)[0] + wavelet_split(c_lr, levels)[1]
+
+    def unscaled(x, c_lr, t, levels, diffusion, noise):
+        y = c_lr if t < 0 else c_lr + (1 - diffusion.alpha_bar[t]) ** 0.5 * noise
+        return wavelet_split(x, levels)[0] + wavelet_split(y, levels)[1]
+
+    def always_noised(x, c_lr, t, levels, diffusion, noise):  # t = -1 indexes the last, noisiest level
+        ab = diffusion.alpha_bar[t]
+        return wavelet_split(x, levels)[0] + wavelet_split(ab ** 0.5 * c_lr + (1 - ab) ** 0.5 * noise, levels)[1]
+
+    def replaced(x, c_lr, t, levels, diffusion, noise):
+        return c_lr if t < 0 else diffusion.q_sample(c_lr, t, noise)
+
+    for wrong, words in ((swapped, "bands are swapped"), (unnoised, "unnoised at every step"),
+                         (unscaled, "without scaling"), (always_noised, "at the end"),
+                         (replaced, "whole state is replaced")):
+        with pytest.raises(ExerciseFailed, match=words):
+            check_ilvr_swap(wrong)
+
+    def stub(x, c_lr, t, levels, diffusion, noise):
+        raise NotImplementedError("Exercise 9.5")
+    assert check_ilvr_swap(stub) is ref_ilvr_swap

@@ -291,6 +291,24 @@ def test_ilvr_holds_the_low_frequencies_to_the_lr_image(prior_dir):
         model.sample(lr, start_t=5, x_T=z)
 
 
+def test_ilvr_swap_is_the_high_band_of_x_plus_the_low_band_of_the_noised_lr_image():
+    from diffusion_course.stablesr import ilvr_swap, wavelet_split
+    d = GaussianDiffusion("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x, c_lr, noise = (torch.randn(2, 3, 16, 16, generator=g) for _ in range(3))
+    ab = float(d.alpha_bar[500])
+    want = wavelet_split(x, 2)[0] + wavelet_split(ab ** 0.5 * c_lr + (1 - ab) ** 0.5 * noise, 2)[1]
+    assert torch.allclose(ilvr_swap(x, c_lr, 500, 2, d, noise), want, atol=1e-6)
+    last = ilvr_swap(x, c_lr, -1, 1, d)  # at x_0 the LR image itself, no noise
+    assert torch.allclose(last, wavelet_split(x, 1)[0] + wavelet_split(c_lr, 1)[1], atol=1e-6)
+    assert torch.allclose(ilvr_swap(x, x, 300, 3, d, torch.zeros_like(x)) - x,
+                          wavelet_split(x * (float(d.alpha_bar[300]) ** 0.5 - 1), 3)[1], atol=1e-5)
+    with pytest.raises(ValueError, match="needs the noise"):
+        ilvr_swap(x, c_lr, 10, 2, d)
+    with pytest.raises(ValueError, match="differ in shape"):
+        ilvr_swap(x, c_lr[:, :, :8], -1, 2, d)
+
+
 def test_per_image_scores_average_to_sr_scores():
     from diffusion_course.stablesr import per_image_scores, sr_scores
     hr = _images(4)

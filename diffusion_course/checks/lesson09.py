@@ -1,5 +1,5 @@
 """Checkers of lesson 09_stablesr: the SFT layer, the capture of features by resolution, the ``fea_tran``
-length check and the time-aware encoder's forward pass.
+length check, the time-aware encoder's forward pass and ILVR's swap of low frequencies.
 
 Every checker leaves the learner's random state alone: its small random networks are seeded from forks of
 the global generator or from generators of their own. The networks the learner writes are checked the way the
@@ -13,8 +13,10 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..ddpm import GaussianDiffusion
 from ..nn.encoder import EncoderUNetModelWT, TimeAwareEncoderConfig, capture_scales, check_fea_tran
 from ..nn.sft import SFTLayer
+from ..stablesr import ilvr_swap, wavelet_split
 from ._runner import Case, CaseRejected, _gen, _learners_rng_kept, _seeded
 from .lesson08 import _run_diagnosed
 
@@ -261,5 +263,67 @@ def check_encoder_forward(fn: Callable) -> Callable:
     return fn if used is learner else (lambda encoder, x, t: encoder(x, t))
 
 
+# -- Exercise 9.5: ILVR's swap of low frequencies ----------------------------------------------------------------
+
+def ref_ilvr_swap(x: torch.Tensor, c_lr: torch.Tensor, t: int, levels: int, diffusion: GaussianDiffusion,
+                  noise: torch.Tensor) -> torch.Tensor:
+    """:func:`~diffusion_course.stablesr.ilvr_swap`: the high band of ``x`` plus the low band of y_t ~ q(y_t |
+    c_LR) drawn with ``noise`` (at ``t = -1``, c_LR itself). Lesson: 09_stablesr."""
+    return ilvr_swap(x, c_lr, t, levels, diffusion, noise if t >= 0 else None)
+
+
+def check_ilvr_swap(fn: Callable) -> Callable:
+    """Exercise 9.5: ``ilvr_swap(x, c_lr, t, levels, diffusion, noise)`` keeps the high band of the state ``x`` and
+    takes the low band of ``c_lr`` noised to step ``t`` with ``noise`` (of ``c_lr`` itself at ``t = -1``, the
+    end of sampling). Returns the function to use. Lesson: 09_stablesr."""
+    diffusion = GaussianDiffusion("linear", 1000)
+    cases = []
+    for seed, (t, levels, B) in ((99, (600, 2, 2)), (100, (50, 1, 1)), (101, (0, 3, 2)), (102, (-1, 2, 2))):
+        g = _gen(seed)
+        x, c_lr, noise = (torch.randn(B, 3, 16, 16, generator=g) for _ in range(3))
+        cases.append(Case({"x": x, "c_lr": c_lr, "t": t, "levels": levels, "diffusion": diffusion, "noise": noise},
+                          f"{B} random 3x16x16 states, t = {t}{' (the end: x_0)' if t < 0 else ''}, {levels} levels"))
+
+    def swap(high_of: Callable, low_of: Callable) -> Callable:
+        return lambda x, c_lr, t, levels, diffusion, noise: (wavelet_split(high_of(x, c_lr, t, diffusion, noise),
+                                                                             levels)[0]
+                                                              + wavelet_split(low_of(x, c_lr, t, diffusion, noise),
+                                                                              levels)[1])
+
+    def y_of(x: torch.Tensor, c_lr: torch.Tensor, t: int, diffusion: GaussianDiffusion,
+             noise: torch.Tensor) -> torch.Tensor:
+        return c_lr if t < 0 else diffusion.q_sample(c_lr, t, noise)
+
+    def unscaled(x: torch.Tensor, c_lr: torch.Tensor, t: int, diffusion: GaussianDiffusion,
+                 noise: torch.Tensor) -> torch.Tensor:
+        return c_lr if t < 0 else c_lr + float(1 - diffusion.alpha_bar[t]) ** 0.5 * noise
+
+    def noised_at_the_end(x: torch.Tensor, c_lr: torch.Tensor, t: int, diffusion: GaussianDiffusion,
+                          noise: torch.Tensor) -> torch.Tensor:
+        return diffusion.q_sample(c_lr, t % diffusion.T, noise)
+
+    state = lambda x, c_lr, t, diffusion, noise: x  # noqa: E731
+    with _learners_rng_kept():
+        used = _run_diagnosed(
+            "9.5 (the ILVR swap)", fn, ref_ilvr_swap, cases,
+            "y = c_lr if t < 0 else diffusion.q_sample(c_lr, t, noise); high, _ = stablesr.wavelet_split(x, levels); "
+            "_, low = stablesr.wavelet_split(y, levels); return high + low.",
+            [("the bands are swapped (the state's low band and the LR image's high band are kept)",
+              swap(y_of, state)),
+             ("the LR image goes in unnoised at every step, instead of noised to the step the state is at",
+              swap(state, lambda x, c_lr, t, diffusion, noise: c_lr)),
+             ("the noise is added without scaling the LR image by sqrt(alpha_bar_t)", swap(state, unscaled)),
+             ("at the end (t = -1) the LR image is noised too: alpha_bar[-1] is the last, noisiest level, while t = -1 "
+              "means x_0 itself", swap(state, noised_at_the_end)),
+             ("the whole state is replaced by y, the model's detail (its high band) with it",
+              lambda x, c_lr, t, levels, diffusion, noise: y_of(x, c_lr, t, diffusion, noise))],
+            nudge="the state keeps what the model drew finer than the LR pixels (its high band) and takes its coarse "
+                  "content from the LR image brought to the same noise level as the state; at the very end that "
+                  "level is zero.",
+            rtol=1e-5, atol=1e-6)
+    return fn if used is fn else ref_ilvr_swap
+
+
 __all__ = ["check_sft_layer", "ref_sft_layer", "check_capture_scales", "ref_capture_scales_indices",
-           "check_fea_tran_length", "ref_fea_tran_verdict", "check_encoder_forward", "ref_encoder_forward"]
+           "check_fea_tran_length", "ref_fea_tran_verdict", "check_encoder_forward", "ref_encoder_forward",
+           "check_ilvr_swap", "ref_ilvr_swap"]
