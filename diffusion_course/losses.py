@@ -22,6 +22,8 @@ codebook + beta * commitment (VQ).
 """
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from pathlib import Path
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
@@ -82,9 +84,7 @@ class PerceptualLoss(nn.Module):
         unknown = set(self.layers) - set(VGG16_LAYERS)
         if not self.layers or unknown:
             raise ValueError(f"unknown VGG16 layers {sorted(unknown)}; choose from {', '.join(VGG16_LAYERS)}")
-        with torch.random.fork_rng(devices=[]):  # seeds the CPU generator only (torch.manual_seed would reseed CUDA's)
-            torch.default_generator.manual_seed(seed)
-            net = vgg16(weights=None)
+        features = copy.deepcopy(_random_vgg16_features(seed))  # this instance's own copy
         state, self.source = None, f"random weights (seed {seed}): ImageNet VGG16 weights not found offline"
         cached = _vgg16_checkpoint()
         if weights_path is not None:
@@ -98,18 +98,21 @@ class PerceptualLoss(nn.Module):
             from torchvision.models import VGG16_Weights
 
             try:
-                net = vgg16(weights=VGG16_Weights.IMAGENET1K_V1)
+                features = vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features
                 self.source = "ImageNet VGG16 (torchvision, downloaded)"
             except Exception as e:  # offline, or the download broke off: say so and go on without
                 self.source = (f"random weights (seed {seed}): downloading the ImageNet VGG16 weights failed "
                                f"({type(e).__name__}: {e})")
-        if state is not None:
-            net.load_state_dict(state)
+        if state is not None:  # a whole VGG16's state dict: its feature part is what is used
+            unknown = [k for k in state if not k.startswith(("features.", "classifier."))]
+            if unknown:
+                raise ValueError(f"{self.source} is not a torchvision VGG16 state dict: unexpected keys {unknown[:5]}")
+            features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
         if self.source.startswith("random"):
             warnings.warn("PerceptualLoss: no ImageNet VGG16 weights on this machine, so the perceptual distance "
                           "uses a VGG16 with random weights (see PerceptualLoss.source). Pass download=True "
                           "with a network, or weights_path=...", stacklevel=2)
-        self.features = net.features[: max(VGG16_LAYERS[n] for n in self.layers) + 1]
+        self.features = features[: max(VGG16_LAYERS[n] for n in self.layers) + 1]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.requires_grad_(False).eval()
@@ -136,6 +139,19 @@ class PerceptualLoss(nn.Module):
         fx, fy = self._activations(x), self._activations(y)
         unit = lambda f: f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # noqa: E731
         return sum((unit(fx[n]) - unit(fy[n])).pow(2).sum(1).mean((1, 2)) for n in self.layers)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_vgg16_features(seed: int) -> nn.Sequential:
+    """The feature part of torchvision's VGG16 built with random weights from ``seed`` (the CPU generator only),
+    once per process: building the whole network, its 120-million-parameter classifier too, takes seconds, and
+    the classifier's draws come before the features' own initialisation, so the features cannot be built alone.
+    Callers copy it. Lesson: 06_ldm_autoencoder."""
+    from torchvision.models import vgg16
+
+    with torch.random.fork_rng(devices=[]):  # seeds the CPU generator only (torch.manual_seed would reseed CUDA's)
+        torch.default_generator.manual_seed(seed)
+        return vgg16(weights=None).features.requires_grad_(False).eval()
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

@@ -305,3 +305,31 @@ def test_perceptual_loss_offline_paths(monkeypatch, tmp_path):
         assert PerceptualLoss(layers=("relu1_2",)).source.startswith("random weights (seed 0)")
     with pytest.raises(FileNotFoundError, match="no VGG16 weights file"):
         PerceptualLoss(weights_path=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:PerceptualLoss. no ImageNet VGG16 weights:UserWarning")
+def test_perceptual_loss_random_weights_are_the_seeded_vgg16s_and_each_instance_owns_them(tmp_path, monkeypatch):
+    import torchvision.models
+
+    monkeypatch.setattr("diffusion_course.losses._vgg16_checkpoint", lambda: tmp_path / "absent.pth")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = torchvision.models.vgg16(weights=None).features
+    a, b = PerceptualLoss(), PerceptualLoss(layers=("relu1_2", "relu2_2"))
+    for name, v in a.features.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[name]), name
+    assert len(b.features) == 9 and torch.equal(b.features[0].weight, reference[0].weight)
+    with torch.no_grad():
+        a.features[0].weight.add_(1.0)  # one instance's weights are its own
+    assert torch.equal(b.features[0].weight, reference[0].weight)
+    assert torch.equal(PerceptualLoss().features[0].weight, reference[0].weight)
+    other = PerceptualLoss(seed=1)
+    assert not torch.equal(other.features[0].weight, reference[0].weight)
+    # a weights file: the features of a whole VGG16 state dict are loaded
+    state = {f"features.{k}": v + 0.5 for k, v in reference.state_dict().items()}
+    torch.save({**state, "classifier.0.weight": torch.zeros(1)}, tmp_path / "vgg.pth")
+    loaded = PerceptualLoss(weights_path=tmp_path / "vgg.pth")
+    assert torch.equal(loaded.features[0].weight, reference[0].weight + 0.5)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a torchvision VGG16 state dict"):
+        PerceptualLoss(weights_path=tmp_path / "other.pth")

@@ -253,22 +253,18 @@ def test_bench_sr_scores_bicubic_models_and_the_step_sweep_on_the_same_patches(t
         assert r["psnr_vs_bicubic"] == pytest.approx(r["psnr"] - fixed["rows"][0]["psnr"], abs=1e-4)
         assert r["perceptual_vs_bicubic"] == pytest.approx(r["perceptual"] - fixed["rows"][0]["perceptual"], abs=1e-6)
         assert r["psnr_vs_bicubic_se"] > 0 and r["perceptual_vs_bicubic_se"] > 0
-    # ILVR: one more row per model, sampled from the same noise with the low frequencies held
-    held = bench.run(argv[:2] + ["--n", "4", "--steps", "2", "--step-sweep", "", "--batch", "2", "--device", "cpu",
-                                 "--seed", "3", "--ilvr", "2"])
+    # ILVR: one more row per model, sampled from the same noise with the low frequencies held; and the unsteered
+    # prior, one more model: the first model's prior with nothing trained
+    held = bench.run(["--models", str(stablesr), "--n", "4", "--steps", "2", "--step-sweep", "", "--batch", "2",
+                      "--device", "cpu", "--seed", "3", "--ilvr", "2", "--unsteered"])
     assert [r["method"] for r in held["rows"]] == [
         "bicubic", "sr_tiny_stablesr_x4 (stablesr, time-aware)", "sr_tiny_stablesr_x4 (stablesr, time-aware) + ILVR-2",
-        "sr_tiny_concat_x4 (concat)", "sr_tiny_concat_x4 (concat) + ILVR-2"] and held["ilvr"] == 2
-    assert scores(held["rows"][1:2]) == scores(rows[1:2]) and scores(held["rows"][2:3]) != scores(rows[1:2])
+        "prior, unsteered", "prior, unsteered + ILVR-2"] and held["ilvr"] == 2
+    assert scores(held["rows"][1:2]) == scores(rows[1:2])
+    assert all(scores(held["rows"][k:k + 1]) != scores(rows[1:2]) for k in (2, 3, 4))
+    assert held["models"][1]["prior"] == held["models"][0]["prior"]
     with pytest.raises(SystemExit):
         bench.run(argv[:2] + ["--n", "2", "--device", "cpu", "--ilvr", "0"])
-    # the unsteered prior: one more model, the first model's prior with nothing trained
-    bare = bench.run(["--models", str(stablesr), "--n", "4", "--steps", "2", "--step-sweep", "", "--batch", "2",
-                      "--device", "cpu", "--seed", "3", "--unsteered"])
-    assert [r["method"] for r in bare["rows"]] == ["bicubic", "sr_tiny_stablesr_x4 (stablesr, time-aware)",
-                                                   "prior, unsteered"]
-    assert scores(bare["rows"][1:2]) == scores(rows[1:2]) and scores(bare["rows"][2:]) != scores(rows[1:2])
-    assert bare["models"][1]["prior"] == bare["models"][0]["prior"]
     # the training split: other patches, so another bicubic score
     seen = bench.run(argv[:2] + ["--n", "4", "--steps", "1", "--step-sweep", "", "--device", "cpu", "--seed", "3",
                                  "--split", "train"])
