@@ -158,7 +158,7 @@ class SRDiffusion(nn.Module):
                 if not 0 <= start_t < self.diffusion.T:
                     raise ValueError(f"start_t must be a step index in [0, {self.diffusion.T - 1}], got {start_t}")
                 x = self.diffusion.q_sample(c_lr, start_t, self.diffusion._randn(shape, like=c_lr, generator=generator))
-                seq = sorted({int(round(v)) for v in torch.linspace(0, start_t, steps).tolist()}, reverse=True)
+                seq = start_grid(start_t, steps)
             else:
                 x = self.diffusion._start(model, shape, x_T, generator, self.device)
                 seq = self.diffusion.ddim_timesteps(steps)
@@ -429,6 +429,12 @@ def wavelet_split(x: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Ten
     return x - low, low
 
 
+def start_grid(start_t: int, steps: int) -> List[int]:
+    """The step indices DDIM visits from ``start_t`` down to 0 with at most ``steps`` calls, evenly spread and in
+    decreasing order (repeats merged): the grid of :meth:`SRDiffusion.sample` with ``start_t``. Lesson: 09_stablesr."""
+    return sorted({int(round(v)) for v in torch.linspace(0, start_t, steps).tolist()}, reverse=True)
+
+
 def ilvr_swap(x: torch.Tensor, c_lr: torch.Tensor, t: int, levels: int, diffusion: GaussianDiffusion,
               noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ILVR's step (Choi et al., 2021) for a state ``x`` ``(B, c, h, w)`` just reached at step index ``t``
@@ -505,5 +511,5 @@ def sr_scores(sr: torch.Tensor, hr: torch.Tensor, perceptual: Optional[nn.Module
 
 __all__: Sequence[str] = (
     "KINDS", "SRDiffusion", "StableSR", "ConcatSR", "encoder_config_for", "build_stablesr", "build_concat_sr",
-    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "ilvr_swap",
-    "color_fix", "per_image_scores", "sr_scores")
+    "load_prior", "build_sr", "sr_config", "sr_from_config", "load_trainable", "load_sr", "wavelet_split", "start_grid",
+    "ilvr_swap", "color_fix", "per_image_scores", "sr_scores")

@@ -246,6 +246,8 @@ def test_sampling_from_the_noised_lr_image(prior_dir):
     x = model.diffusion.q_sample(c_lr, 0, model.diffusion._randn(c_lr.shape, like=c_lr, generator=g()))
     want = model.decode(model.diffusion.ddim_step(lambda x, t: model.eps(x, t, c_lr), x, 0, -1))
     assert torch.allclose(one, want)
+    from diffusion_course.stablesr import start_grid
+    assert start_grid(10, 3) == [10, 5, 0] and start_grid(2, 5) == [2, 1, 0] and start_grid(0, 1) == [0]
     with pytest.raises(ValueError, match="start_t must be"):
         model.sample(lr, start_t=50)
     with pytest.raises(ValueError, match="DDIM sampler"):
