@@ -175,8 +175,8 @@ def _train(args: argparse.Namespace) -> int:
             if text_over and (cc is None or cc.kind != "text"):
                 raise ValueError("--text-depth and --text-heads size a caption encoder; this run has none")
             cc = ConditionerConfig.from_dict({**cc.to_dict(), **text_over}) if text_over else cc
-            trainer = Trainer(config, UNetConfig.from_dict({**saved["unet"], **unet_over}), conditioner_config=cc)
-            trainer.load(args.resume)
+            trainer = Trainer(config, UNetConfig.from_dict({**saved["unet"], **unet_over}), conditioner_config=cc,
+                              resume=args.resume)
         else:
             if "out" not in train_over:
                 return _fail("--out is required: the run folder for checkpoints and sample grids")

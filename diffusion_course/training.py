@@ -369,12 +369,15 @@ class Trainer:
 
     ``unet_class`` builds the U-Net from ``unet_config`` (default: the package's :class:`UNet`); lesson 04 passes
     the learner's own U-Net class, which has the same parameter names, so checkpoints load into either.
+    ``resume`` (a run folder) continues that run, as :meth:`load` does, and a fine-tune (``init_from``) resumed
+    this way no longer needs the model it started from.
     """
 
     def __init__(self, config: TrainConfig, unet_config: Optional[UNetConfig] = None,
                  data: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
                  conditioner_config: Optional[ConditionerConfig] = None,
-                 unet_class: Optional[Callable[[UNetConfig], nn.Module]] = None) -> None:
+                 unet_class: Optional[Callable[[UNetConfig], nn.Module]] = None,
+                 resume: Optional[Union[str, os.PathLike]] = None) -> None:
         self.config = c = config
         self.dist, self.device, self._owns_group = setup_distributed(c.device)
         dataset = None
@@ -447,7 +450,7 @@ class Trainer:
         if c.autoencoder is not None and not isinstance(self.model, ConditionalDenoiser):
             self.model = ConditionalDenoiser(self.model)  # the home of the concatenated spatial condition
         self.model = self.model.to(self.device)
-        if c.init_from is not None:
+        if c.init_from is not None and resume is None:  # a resumed run's weights come from its checkpoint
             self._init_from(c.init_from)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
@@ -493,6 +496,8 @@ class Trainer:
             self.sample_keep = box_keep_masks(torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(c.n_samples, 4), S)
         self.step = 0
         self.loss_history: List[float] = []
+        if resume is not None:
+            self.load(resume)
 
     # -- one step of Algorithm 1 -------------------------------------------------------------------
     def lr_at(self, step: int) -> float:

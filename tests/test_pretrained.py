@@ -1,9 +1,10 @@
 import json
+import shutil
 
 import pytest
 import torch
 
-from diffusion_course import pretrained
+from diffusion_course import checkpoint as ckpt, pretrained
 from diffusion_course.conditions import encode_captions
 from diffusion_course.nn import ConditionerConfig, UNetConfig
 from diffusion_course.training import Trainer, TrainConfig, load_checkpoint
@@ -147,3 +148,10 @@ def test_init_from_starts_a_new_run_from_a_shipped_model(tiny_run, tmp_path, cap
                  "--device", "cpu", "--out", str(caption)]) == 0
     config = json.loads((caption / "config.json").read_text())
     assert config["train"]["condition"] == "caption" and config["conditioner"]["depth"] == 2
+    # resuming the fine-tune needs only its own checkpoint: the model it started from may be gone
+    before = ckpt.read_checkpoint(run)[0]["model"]
+    shutil.rmtree(folder)
+    assert main(["train", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    groups, meta = ckpt.read_checkpoint(run)
+    assert meta["trainer_state"]["step"] == 3 and meta["config"]["train"]["init_from"] == str(folder)
+    assert not all(torch.equal(v, before[k]) for k, v in groups["model"].items())
