@@ -12,7 +12,10 @@
   images of each split give the classifier's ceiling. Each row also says what is wrong with the shapes
   (``classifier.shape_diagnosis``: the share of samples with the right shapes, another number of shapes, colours
   and kinds joined into the wrong pairs, wrong colours, wrong kinds, or both) and, on the samples whose shapes are
-  right, how often the caption's relation holds against how often its opposite does.
+  right, how often the caption's relation holds against how often its opposite does. ``--splits train,test``
+  scores the first training captions beside unseen ones: a model that does much better on the captions it was
+  trained on has memorised them rather than learnt to compose. ``--attend STEP`` adds, for a pixel-space caption
+  model, a row per scale sampled from the same noise with attention guidance (:mod:`diffusion_course.attend`).
 
 A model is a shipped name or an exported folder, in pixel space (lessons 04, 07) or a latent diffusion model
 (lesson 08, e.g. ``ldm_digits32``, ``ldm_shapes32``), which samples latents and decodes them.
@@ -25,6 +28,7 @@ that take one (DDIM's eta, the SDE's noise level); the numbers are reported, nev
     python benchmarks/bench_guidance.py --task shapes --model shapes_caption32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --sampler dpmpp2m_sde --steps 50
+    python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --attend 0.015
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_course import classifier, data, ldm, metrics, pretrained, shapes, utils  # noqa: E402
+from diffusion_course import attend, classifier, data, ldm, metrics, pretrained, shapes, utils  # noqa: E402
 from diffusion_course.conditions import encode_captions  # noqa: E402
 from diffusion_course.nn import ConditionerConfig  # noqa: E402
 from diffusion_course.solvers import SAMPLERS  # noqa: E402
@@ -52,6 +56,15 @@ def parse_scales(text: str) -> List[float]:
     if not scales or min(scales) < 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated scales >= 0, got {text!r}")
     return scales
+
+
+def parse_splits(text: str) -> Tuple[str, ...]:
+    splits = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in splits if s not in shapes.SPLITS]
+    if bad or not splits:
+        raise argparse.ArgumentTypeError(f"unknown shapes split(s) {', '.join(bad) or '(none given)'}; valid: "
+                                         f"{', '.join(shapes.SPLITS)}")
+    return splits
 
 
 def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tensor,
@@ -104,9 +117,13 @@ def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, An
 def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     draw, S, info = load_model(args.model, device, args.sampler, args.eta)
     config = ConditionerConfig.from_dict(info["conditioner"])
+    if args.attend > 0:
+        if config.kind != "text" or "ldm" in info or args.sampler != "ddim" or args.eta:
+            raise SystemExit("--attend steers DDIM (eta 0) of a pixel-space caption model such as shapes_caption32")
+        model, diffusion, _ = pretrained.load_pretrained(args.model, device=device)
     segmenter = classifier.load_shape_classifier()
     rows = []
-    for split in ("test", "holdout"):
+    for split in args.splits:
         ds = shapes.shapes_dataset(S, split)
         sub = ds.subset(torch.arange(min(args.n, len(ds))))
         real = classifier.adherence_of(segmenter, None, sub)
@@ -120,6 +137,15 @@ def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, An
             result = classifier.adherence_of(segmenter, xs, sub)
             rows.append(dict(split=split, scale=s, name=f"s = {s}", seconds=secs, **_shares(result),
                              **_diagnosis(segmenter, xs, sub, result)))
+            if args.attend > 0:  # the same noise, steered by the cross-attention maps
+                t0 = time.time()
+                xs = attend.attention_guided_sample(model, diffusion, sub.captions, steps=args.steps,
+                                                    guidance_scale=s, step_size=args.attend,
+                                                    guided_steps=args.attend_steps, seed=args.seed)
+                secs = time.time() - t0
+                result = classifier.adherence_of(segmenter, xs, sub)
+                rows.append(dict(split=split, scale=s, name=f"s = {s} + attention", seconds=secs, **_shares(result),
+                                 **_diagnosis(segmenter, xs, sub, result)))
     return dict(step=info["step"], rows=rows)
 
 
@@ -148,6 +174,14 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler (default ddim)")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta or the SDE samplers' noise level (default: "
                                                            "the sampler's own, 0 for DDIM)")
+    p.add_argument("--splits", type=parse_splits, default=("test", "holdout"),
+                   help="shapes splits to score, e.g. test,holdout (default) or train,test to compare the "
+                        "training captions with unseen ones")
+    p.add_argument("--attend", type=float, default=0.0,
+                   help="also sample each scale with attention guidance of this step size (diffusion_course.attend; "
+                        "0.015 in lesson 07), from the same noise (default 0: off)")
+    p.add_argument("--attend-steps", type=int, default=10, help="DDIM steps that attention guidance steers "
+                                                                 "(the first ones; default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)

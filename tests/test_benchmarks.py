@@ -121,6 +121,11 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
                                                     "colour and kind")) == pytest.approx(1.0)
     with pytest.raises(SystemExit):
         load("bench_guidance").main(["--scales", "-1"])
+    with pytest.raises(SystemExit):
+        load("bench_guidance").main(["--task", "shapes", "--splits", "train,valid"])
+    trained_on = load("bench_guidance").main(["--task", "shapes", "--device", "cpu", "--n", "2", "--scales", "1",
+                                              "--steps", "1", "--splits", "train"])
+    assert [(r["split"], r["n"]) for r in trained_on["rows"]] == [("train", 2), ("train", 2)]
     # a latent diffusion model (lesson 08) goes through the same script
     latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
                                           "--scales", "3", "--steps", "2"])

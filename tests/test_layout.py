@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_course"
 FLOORS = {
     1: ("utils", "data", "shapes", "viz", "checkpoint", "schedules", "distributed", "exercises"),
     2: ("ddpm", "nn", "denoisers", "classifier", "degradations"),
-    3: ("vae", "autoencoder", "losses", "guidance", "conditions", "solvers", "score"),
+    3: ("vae", "autoencoder", "losses", "guidance", "attend", "conditions", "solvers", "score"),
     4: ("ldm", "stablesr", "pretrained"),
     5: ("training", "ae_training", "metrics", "sr_training", "costs"),
     6: ("train_cli", "__main__", "checks", "cli"),

@@ -65,7 +65,7 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(self.to_out.weight)
             nn.init.zeros_(self.to_out.bias)
         # When set (by record_cross_attention), forward computes the softmax explicitly and hands this callable
-        # the weights averaged over heads, (B, N, M).
+        # the weights averaged over heads, (B, N, M), still in the autograd graph (the recorder decides).
         self.recorder: Optional[Callable[[torch.Tensor], None]] = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, heads, N, C / heads)
@@ -117,7 +117,7 @@ class MultiHeadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         else:
             weights = self._weights(q, k, mask)  # (B, heads, N, M)
-            self.recorder(weights.mean(dim=1).detach().cpu())
+            self.recorder(weights.mean(dim=1))
             out = weights.to(v.dtype) @ v
         B, N, C = x.shape
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))

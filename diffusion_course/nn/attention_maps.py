@@ -3,11 +3,11 @@
 Taught in lesson 07_cross_attention. Inside ``with record_cross_attention(model) as record:`` every
 cross-attention layer of ``model`` computes softmax(Q K^T / sqrt(d)) explicitly (with the padding mask
 applied; the same output as the fused path, only slower) and appends the weights, averaged over heads,
-detached and on the CPU, as a ``(B, N, M)`` tensor under its module name: one entry per call, so one per
-U-Net forward pass (a sampling step calls the U-Net once, or twice with unbatched classifier-free
-guidance). Row n of such a tensor is how the image token n (one pixel of that layer's feature map,
-N = h * w) spreads its attention over the M context tokens. :meth:`AttentionRecord.token_maps` turns them
-into one picture per context token.
+detached and on the CPU (or, with ``keep_graph``, as they are), as a ``(B, N, M)`` tensor under its module
+name: one entry per call, so one per U-Net forward pass (a sampling step calls the U-Net once, or twice with
+unbatched classifier-free guidance). Row n of such a tensor is how the image token n (one pixel of that
+layer's feature map, N = h * w) spreads its attention over the M context tokens.
+:meth:`AttentionRecord.token_maps` turns them into one picture per context token.
 """
 from __future__ import annotations
 
@@ -95,10 +95,13 @@ class AttentionRecord:
 
 
 @contextmanager
-def record_cross_attention(model: nn.Module) -> Iterator[AttentionRecord]:
+def record_cross_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[AttentionRecord]:
     """Record every cross-attention layer of ``model`` while the ``with`` block runs; yields the
     :class:`AttentionRecord` the weights go to. On exit the layers return to the fused
-    ``scaled_dot_product_attention`` path (also when the block raises). Lesson: 07_cross_attention.
+    ``scaled_dot_product_attention`` path (also when the block raises). With ``keep_graph`` the weights stay
+    on the model's device and in the autograd graph, so that a loss on the maps can be differentiated
+    (:mod:`~diffusion_course.attend` steers sampling so); by default they are detached copies on the CPU.
+    Lesson: 07_cross_attention.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention) and m.is_cross]
     if not layers:
@@ -106,7 +109,8 @@ def record_cross_attention(model: nn.Module) -> Iterator[AttentionRecord]:
                          "UNetConfig(context_dim=...)")
     record = AttentionRecord()
     for name, layer in layers:
-        layer.recorder = lambda weights, name=name: record.append(name, weights)
+        layer.recorder = ((lambda weights, name=name: record.append(name, weights)) if keep_graph else
+                          (lambda weights, name=name: record.append(name, weights.detach().cpu())))
     try:
         yield record
     finally:
