@@ -126,6 +126,12 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
     trained_on = load("bench_guidance").main(["--task", "shapes", "--device", "cpu", "--n", "2", "--scales", "1",
                                               "--steps", "1", "--splits", "train"])
     assert [(r["split"], r["n"]) for r in trained_on["rows"]] == [("train", 2), ("train", 2)]
+    steered = load("bench_guidance").main(["--task", "shapes", "--device", "cpu", "--n", "2", "--scales", "3",
+                                           "--steps", "2", "--splits", "test", "--attend", "0.015",
+                                           "--attend-steps", "1"])
+    assert [r["name"] for r in steered["rows"]] == ["real images", "s = 3.0", "s = 3.0 + attention"]
+    with pytest.raises(SystemExit):  # attention guidance steers pixel-space caption models only
+        load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--n", "2", "--attend", "0.01"])
     # a latent diffusion model (lesson 08) goes through the same script
     latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
                                           "--scales", "3", "--steps", "2"])
