@@ -137,9 +137,18 @@ def relation_loss(dist: torch.Tensor, roles: CaptionRoles, margin: float = 0.15)
     Lesson: 07_cross_attention."""
     if roles.relation is None:
         return dist.sum() * 0.0
-    (ya, xa), (yb, xb) = centre_of_mass(dist[roles.nouns[0]]), centre_of_mass(dist[roles.nouns[1]])
-    gap = {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[roles.relation]
-    return F.relu(margin - gap)
+    return pair_relation_loss(dist[roles.nouns[0]], dist[roles.nouns[1]], roles.relation, margin)
+
+
+def pair_relation_loss(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float = 0.15) -> torch.Tensor:
+    """max(0, margin - gap) for "A relation B", A and B given as distributions ``(H, W)`` over the pixels; the
+    gap is how far A's centre of mass lies from B's in the relation's direction: y_B - y_A for "above",
+    y_A - y_B for "below", x_B - x_A for "left of", x_A - x_B for "right of". Lesson: 07_cross_attention."""
+    (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
+    gaps = {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}
+    if relation not in gaps:
+        raise ValueError(f"unknown relation {relation!r}; valid: {', '.join(gaps)}")
+    return F.relu(margin - gaps[relation])
 
 
 def attention_loss(maps: torch.Tensor, roles: Sequence[CaptionRoles], bind_weight: float = 1.0,

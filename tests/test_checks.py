@@ -185,7 +185,20 @@ WRONG = {
         lambda eps_cond, eps_uncond, scale: eps_uncond + scale * (eps_uncond - eps_cond),  # reversed
         lambda eps_cond, eps_uncond, scale: scale * eps_cond,                              # no baseline
     ],
+    "7.5": [
+        lambda p_a, p_b, relation, margin: checks.ref_relation_loss(p_b, p_a, relation, margin),  # A and B swapped
+        lambda p_a, p_b, relation, margin: checks.ref_relation_loss(                             # x and y swapped
+            p_a.T.contiguous(), p_b.T.contiguous(), relation, margin),
+        lambda p_a, p_b, relation, margin: margin - _gap(p_a, p_b, relation),                  # no max(0, .)
+    ],
 }
+
+
+def _gap(p_a, p_b, relation):
+    from diffusion_course.attend import centre_of_mass
+
+    (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
+    return {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[relation]
 
 
 def _sdpa(q, k, v, mask, scale=None, axis=-1):

@@ -6,6 +6,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..attend import centre_of_mass, pair_relation_loss
 from ..guidance import guided_eps
 from ..nn.attention import MultiHeadAttention
 from ._runner import Case, _gen, _no_grad, _seeded, run_check
@@ -162,10 +163,76 @@ def check_guided_eps(fn: Callable) -> Callable:
                            "the conditional one.")
 
 
+def ref_relation_loss(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float) -> torch.Tensor:
+    """Attention guidance's relation loss max(0, margin - gap) for "A relation B" from the two shapes'
+    distributions ``(H, W)`` over the pixels (:func:`~diffusion_course.attend.pair_relation_loss`).
+    Lesson: 07_cross_attention."""
+    return pair_relation_loss(p_a, p_b, relation, margin)
+
+
+def _peaked(g: torch.Generator, H: int, W: int) -> torch.Tensor:
+    """A random distribution over H x W pixels with a clear bump somewhere."""
+    y, x = torch.randint(0, H, (1,), generator=g).item(), torch.randint(0, W, (1,), generator=g).item()
+    logits = torch.randn(H, W, generator=g)
+    logits[y, x] += 6.0
+    return logits.flatten().softmax(0).view(H, W)
+
+
+def _relation_mistakes(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float
+                       ) -> List[Tuple[str, torch.Tensor]]:
+    (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
+    H, W = p_a.shape
+    flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+    swap = {"above": "left of", "below": "right of", "left of": "above", "right of": "below"}
+    gap = {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[relation]
+    return [("the direction is reversed (y grows downwards: A above B means y_A < y_B)",
+             pair_relation_loss(p_a, p_b, flip[relation], margin)),
+            ("x and y are swapped (the sum over dim=1 of an (H, W) map is its profile along y, the rows)",
+             pair_relation_loss(p_a, p_b, swap[relation], margin)),
+            ("the max(0, .) is missing, so a relation that already holds is still pushed", margin - gap),
+            ("the centres are in pixels, not in shares of the image (divide by H and W, pixel centres at i + 0.5)",
+             torch.clamp(margin - gap * (H if relation in ("above", "below") else W), min=0))]
+
+
+def check_relation_loss(fn: Callable) -> Callable:
+    """Exercise 7.5: attention guidance's relation loss. Lesson: 07_cross_attention."""
+    cases = []
+    for seed, H, W, relation, margin in ((90, 8, 8, "above", 0.15), (91, 16, 16, "below", 0.15),
+                                         (92, 8, 12, "left of", 0.3), (93, 16, 16, "right of", 0.15),
+                                         (94, 6, 6, "above", 0.6)):
+        g = _gen(seed)
+        cases.append(Case({"p_a": _peaked(g, H, W), "p_b": _peaked(g, H, W), "relation": relation, "margin": margin},
+                          f'"A {relation} B" on {H}x{W} maps, margin {margin}'))
+    top, bottom = torch.zeros(8, 8), torch.zeros(8, 8)
+    top[0, 3], bottom[7, 3] = 1.0, 1.0
+    cases.append(Case({"p_a": top, "p_b": bottom, "relation": "above", "margin": 0.15},
+                      "A at the top, B at the bottom: the relation holds"))
+
+    def diagnose(kwargs: dict, got: object) -> Optional[str]:
+        if not isinstance(got, torch.Tensor):
+            return None
+        for name, wrong in _relation_mistakes(**kwargs):
+            if got.shape == wrong.shape and torch.allclose(got.double(), wrong.double(), rtol=1e-5, atol=1e-7) and \
+                    not torch.allclose(wrong.double(), ref_relation_loss(**kwargs).double()):
+                return name
+        return None
+
+    return run_check("7.5", fn, ref_relation_loss, cases,
+                     "with ys = (arange(H) + 0.5) / H and xs = (arange(W) + 0.5) / W, a map's centre is "
+                     "y = (p.sum(dim=1) * ys).sum() and x = (p.sum(dim=0) * xs).sum(). The gap is y_B - y_A for "
+                     "above, y_A - y_B for below, x_B - x_A for left of, x_A - x_B for right of; return "
+                     "torch.clamp(margin - gap, min=0).",
+                     nudge="find where each map's mass sits (its centre of mass, as a share of the image's height "
+                           "and width), measure how far A is from B in the direction the relation names (remember "
+                           "that rows count downwards), and charge only the part of the margin that is missing.",
+                     diagnose=diagnose, rtol=1e-5, atol=1e-7)
+
+
 # (exercise, checker, reference) of this lesson, for the tests
 CHECKS: List[Tuple[str, Callable, Callable]] = [
     ("7.1", check_scaled_dot_product_attention, ref_scaled_dot_product_attention),
     ("7.2", check_cross_attention, ref_cross_attention),
     ("7.3", check_condition_dropout, ref_condition_dropout),
     ("7.4", check_guided_eps, ref_guided_eps),
+    ("7.5", check_relation_loss, ref_relation_loss),
 ]
