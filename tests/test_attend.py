@@ -124,6 +124,9 @@ def test_attention_guided_sampling(caption_model):
     ids = model.conditioner.tokenizer.encode(captions)[0]
     assert torch.equal(plain, sample_images(model, diffusion, 2, "ddim", 4, seed=0, progress=False, cond=ids,
                                             guidance_scale=3.0))
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # the noise that seed 0 draws
+    assert torch.equal(attend.attention_guided_sample(model, diffusion, captions, steps=4, step_size=0.0, x_T=x_T),
+                       plain)
     steered = attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2, batch_size=1)
     assert steered.shape == plain.shape and not torch.allclose(steered, plain)
     assert torch.equal(steered, attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2,
