@@ -2,9 +2,9 @@
 
 Taught in lesson 07_cross_attention. A caption-conditional U-Net often draws the right shapes with the
 colours on the wrong ones, or the right pair the wrong way round: its text encoder hands cross-attention
-tokens that barely know their neighbours. The cross-attention maps show it as it happens: early in sampling,
-the map of "red" and the map of "circle" fall on different blobs. Attention guidance corrects the noisy
-image so that the maps agree with the caption, with no retraining.
+tokens that barely know their neighbours. The cross-attention maps say, while the image is still noise, where
+each word is being drawn; attention guidance corrects the noisy image so that the maps agree with the
+caption, with no retraining.
 
 At the first ``guided_steps`` DDIM steps, before the usual update, the conditional network runs once more
 with its cross-attention weights recorded in the autograd graph (:func:`~diffusion_course.nn.record_cross_attention`
@@ -15,9 +15,10 @@ distribution p_w over the pixels (:func:`token_distributions`), enters two losse
   map of its own shape and differ from those of the caption's other shapes,
   ``L_bind = mean over (c, k) of D(p_c, p_k) - mean over (c, k' != k) of D(p_c, p_k')``, with D the symmetric
   KL divergence;
-* relation (a soft form of the layout losses of training-free layout control): for "A above B" the centre of
-  mass of A's map should lie at least ``margin`` (a share of the image height) above B's,
-  ``L_rel = max(0, margin - (y_B - y_A))``, and alike for below, left of and right of.
+* relation (in the spirit of the cross-attention layout losses of Chen et al. 2023, "Training-Free Layout
+  Control with Cross-Attention Guidance"): for "A above B" the centre of mass of A's map should lie at least
+  ``margin`` (a share of the image height) above B's, ``L_rel = max(0, margin - (y_B - y_A))``, and alike
+  for below, left of and right of.
 
 The image moves against the gradient g of ``w_bind L_bind + w_rel L_rel``, normalised per image:
 ``x_t <- x_t - step_size sqrt(1 - abar_t) g / rms(g)``. Attend-and-Excite (Chefer et al. 2023) updates the latent
