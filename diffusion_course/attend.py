@@ -32,7 +32,7 @@ does not.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,13 +132,15 @@ def centre_of_mass(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (p.sum(dim=1) * ys).sum(), (p.sum(dim=0) * xs).sum()
 
 
-def relation_loss(dist: torch.Tensor, roles: CaptionRoles, margin: float = 0.15) -> torch.Tensor:
+def relation_loss(dist: torch.Tensor, roles: CaptionRoles, margin: float = 0.15,
+                  relation_fn: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
     """max(0, margin - gap), the gap being how far the first shape's map lies in the caption's direction from
     the second's (for "above": y_B - y_A of :func:`centre_of_mass`); zero without a relation.
-    Lesson: 07_cross_attention."""
+    ``relation_fn(p_a, p_b, relation, margin)`` replaces :func:`pair_relation_loss` (lesson 07 passes the
+    learner's own). Lesson: 07_cross_attention."""
     if roles.relation is None:
         return dist.sum() * 0.0
-    return pair_relation_loss(dist[roles.nouns[0]], dist[roles.nouns[1]], roles.relation, margin)
+    return (relation_fn or pair_relation_loss)(dist[roles.nouns[0]], dist[roles.nouns[1]], roles.relation, margin)
 
 
 def pair_relation_loss(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float = 0.15) -> torch.Tensor:
@@ -153,16 +155,18 @@ def pair_relation_loss(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, marg
 
 
 def attention_loss(maps: torch.Tensor, roles: Sequence[CaptionRoles], bind_weight: float = 1.0,
-                   relation_weight: float = 2.0, margin: float = 0.15) -> torch.Tensor:
+                   relation_weight: float = 2.0, margin: float = 0.15,
+                   relation_fn: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
     """Per image ``(B,)``: w_bind L_bind + w_rel L_rel of the token maps ``(B, M, H, W)`` of B captions with
-    roles ``roles``. Lesson: 07_cross_attention."""
+    roles ``roles`` (``relation_fn`` as in :func:`relation_loss`). Lesson: 07_cross_attention."""
     if maps.ndim != 4 or len(roles) != maps.shape[0]:
         raise ValueError(f"need token maps (B, M, H, W) and one CaptionRoles per image; got maps of shape "
                          f"{tuple(maps.shape)} and {len(roles)} roles")
     losses = []
     for m, r in zip(maps, roles):
         dist = token_distributions(m, r)
-        losses.append(bind_weight * binding_loss(dist, r) + relation_weight * relation_loss(dist, r, margin))
+        losses.append(bind_weight * binding_loss(dist, r)
+                      + relation_weight * relation_loss(dist, r, margin, relation_fn))
     return torch.stack(losses)
 
 
@@ -178,14 +182,16 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
                             guidance_scale: float = 3.0, step_size: float = 0.015, guided_steps: int = 10,
                             bind_weight: float = 1.0, relation_weight: float = 2.0, margin: float = 0.15,
                             map_size: int = 16, seed: int = 0, batch_size: int = 50,
-                            x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            x_T: Optional[torch.Tensor] = None,
+                            relation_fn: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
     """One image per caption, ``(n, C, S, S)`` in [-1, 1] on the CPU, by DDIM with ``steps`` steps and
     classifier-free guidance of scale ``guidance_scale``, the first ``guided_steps`` of them (all of them when
     ``guided_steps >= steps``) preceded by an
     attention-guidance update of size ``step_size`` (see the module's docstring). The noise comes from a
     generator seeded by ``seed`` (or from ``x_T``) as in :func:`~diffusion_course.training.sample_images`, so
     ``step_size = 0`` gives the same images. Each guided step costs one more forward and backward pass of the
-    conditional network. Lesson: 07_cross_attention.
+    conditional network. ``relation_fn(p_a, p_b, relation, margin)`` replaces :func:`pair_relation_loss`.
+    Lesson: 07_cross_attention.
     """
     encoder = _text_model(model)
     if not captions:
@@ -218,7 +224,7 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
                     with torch.enable_grad(), record_cross_attention(model, keep_graph=True) as record:
                         model(x, torch.full((B,), t, dtype=torch.long, device=device), cond=cond, drop=keep)
                         loss = attention_loss(record.token_maps(map_size), part, bind_weight, relation_weight,
-                                              margin)
+                                              margin, relation_fn)
                         grad, = torch.autograd.grad(loss.sum(), x)
                     rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
                     x = (x - step_size * math.sqrt(1.0 - float(diffusion.alpha_bar[t])) * grad / rms).detach()

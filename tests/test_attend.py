@@ -132,6 +132,13 @@ def test_attention_guided_sampling(caption_model):
     assert torch.equal(steered, attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2,
                                                                batch_size=1))
     batched = attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2)
+    # a relation loss of one's own (lesson 07's exercise) takes the package's place
+    same = attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2,
+                                          relation_fn=attend.pair_relation_loss)
+    assert torch.equal(same, batched)
+    no_relation = attend.attention_guided_sample(model, diffusion, captions, steps=4, guided_steps=2,
+                                                 relation_fn=lambda p_a, p_b, relation, margin: p_a.sum() * 0.0)
+    assert not torch.allclose(no_relation, batched)
     assert torch.allclose(steered, batched, atol=1e-3)  # the batch size changes only the rounding
     assert steered.min() >= -1 and steered.max() <= 1
 
