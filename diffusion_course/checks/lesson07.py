@@ -219,8 +219,8 @@ def check_relation_loss(fn: Callable) -> Callable:
 
     return run_check("7.5", fn, ref_relation_loss, cases,
                      "with ys = (arange(H) + 0.5) / H and xs = (arange(W) + 0.5) / W (on p_a's device), a map's "
-                     "centre is y = (p.sum(dim=1) * ys).sum() and x = (p.sum(dim=0) * xs).sum(). The gap is y_B - y_A for "
-                     "above, y_A - y_B for below, x_B - x_A for left of, x_A - x_B for right of; return "
+                     "centre is y = (p.sum(dim=1) * ys).sum() and x = (p.sum(dim=0) * xs).sum(). The gap is "
+                     "y_B - y_A for above, y_A - y_B for below, x_B - x_A for left of, x_A - x_B for right of; return "
                      "torch.clamp(margin - gap, min=0).",
                      nudge="find where each map's mass sits (its centre of mass, as a share of the image's height "
                            "and width), measure how far A is from B in the direction the relation names (remember "
