@@ -144,14 +144,19 @@ def relation_loss(dist: torch.Tensor, roles: CaptionRoles, margin: float = 0.15,
 
 
 def pair_relation_loss(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float = 0.15) -> torch.Tensor:
-    """max(0, margin - gap) for "A relation B", A and B given as distributions ``(H, W)`` over the pixels; the
-    gap is how far A's centre of mass lies from B's in the relation's direction: y_B - y_A for "above",
-    y_A - y_B for "below", x_B - x_A for "left of", x_A - x_B for "right of". Lesson: 07_cross_attention."""
+    """max(0, margin - gap) for "A relation B", A and B given as distributions ``(H, W)`` over the pixels and
+    the gap from :func:`relation_gap`. Lesson: 07_cross_attention."""
+    return F.relu(margin - relation_gap(p_a, p_b, relation))
+
+
+def relation_gap(p_a: torch.Tensor, p_b: torch.Tensor, relation: str) -> torch.Tensor:
+    """How far A's centre of mass lies from B's in the direction of "A relation B", as a share of the image
+    (:func:`centre_of_mass`): y_B - y_A for "above", y_A - y_B for "below", x_B - x_A for "left of",
+    x_A - x_B for "right of". Lesson: 07_cross_attention."""
+    if relation not in shapes.RELATIONS:
+        raise ValueError(f"unknown relation {relation!r}; valid: {', '.join(shapes.RELATIONS)}")
     (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
-    gaps = {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}
-    if relation not in gaps:
-        raise ValueError(f"unknown relation {relation!r}; valid: {', '.join(gaps)}")
-    return F.relu(margin - gaps[relation])
+    return {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[relation]
 
 
 def attention_loss(maps: torch.Tensor, roles: Sequence[CaptionRoles], bind_weight: float = 1.0,

@@ -97,6 +97,9 @@ def test_relation_loss_is_zero_when_the_relation_holds_with_its_margin():
     left = roles._replace(relation="left of")  # same column: the gap is 0, the loss the margin
     assert attend.relation_loss(dist, left, 0.2).item() == pytest.approx(0.2, abs=1e-5)
     assert attend.relation_loss(dist, caption_roles("a red circle in the middle")).item() == 0.0
+    assert attend.relation_gap(dist[2], dist[6], "above").item() == pytest.approx((yb - ya).item())
+    with pytest.raises(ValueError, match="unknown relation"):
+        attend.relation_gap(dist[2], dist[6], "beside")
     with pytest.raises(ValueError, match="one CaptionRoles per image"):
         attend.attention_loss(dist[None], [roles, roles])
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_course import checks
+from diffusion_course.attend import relation_gap
 from diffusion_course.checks import ExerciseFailed
 from diffusion_course.ddpm import GaussianDiffusion
 
@@ -189,16 +190,9 @@ WRONG = {
         lambda p_a, p_b, relation, margin: checks.ref_relation_loss(p_b, p_a, relation, margin),  # A and B swapped
         lambda p_a, p_b, relation, margin: checks.ref_relation_loss(                             # x and y swapped
             p_a.T.contiguous(), p_b.T.contiguous(), relation, margin),
-        lambda p_a, p_b, relation, margin: margin - _gap(p_a, p_b, relation),                  # no max(0, .)
+        lambda p_a, p_b, relation, margin: margin - relation_gap(p_a, p_b, relation),                  # no max(0, .)
     ],
 }
-
-
-def _gap(p_a, p_b, relation):
-    from diffusion_course.attend import centre_of_mass
-
-    (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
-    return {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[relation]
 
 
 def _sdpa(q, k, v, mask, scale=None, axis=-1):

@@ -6,9 +6,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..attend import centre_of_mass, pair_relation_loss
+from ..attend import pair_relation_loss, relation_gap
 from ..guidance import guided_eps
 from ..nn.attention import MultiHeadAttention
+from ..shapes import opposite_relation
 from ._runner import Case, _gen, _no_grad, _seeded, run_check
 
 
@@ -180,13 +181,11 @@ def _peaked(g: torch.Generator, H: int, W: int) -> torch.Tensor:
 
 def _relation_mistakes(p_a: torch.Tensor, p_b: torch.Tensor, relation: str, margin: float
                        ) -> List[Tuple[str, torch.Tensor]]:
-    (ya, xa), (yb, xb) = centre_of_mass(p_a), centre_of_mass(p_b)
     H, W = p_a.shape
-    flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
     swap = {"above": "left of", "below": "right of", "left of": "above", "right of": "below"}
-    gap = {"above": yb - ya, "below": ya - yb, "left of": xb - xa, "right of": xa - xb}[relation]
+    gap = relation_gap(p_a, p_b, relation)
     return [("the direction is reversed (y grows downwards: A above B means y_A < y_B)",
-             pair_relation_loss(p_a, p_b, flip[relation], margin)),
+             pair_relation_loss(p_a, p_b, opposite_relation(relation), margin)),
             ("x and y are swapped (the sum over dim=1 of an (H, W) map is its profile along y, the rows)",
              pair_relation_loss(p_a, p_b, swap[relation], margin)),
             ("the max(0, .) is missing, so a relation that already holds is still pushed", margin - gap),
