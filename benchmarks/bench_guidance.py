@@ -5,8 +5,8 @@
   the Fréchet distance (FD) to the real test digits in the classifier's feature space, and the within-class
   spread (mean distance of a label's samples from their mean in that space: diversity). The floor row scores
   ``--n`` real training digits the same way.
-* ``--task shapes`` (a caption- or layout-conditional model such as ``shapes_caption32``): for the first ``--n`` captions of
-  the shapes ``test`` split and of the ``holdout`` split (captions with a colour-shape pair never seen in
+* ``--task shapes`` (a caption- or layout-conditional model such as ``shapes_caption32``): for the first ``--n``
+  captions of the shapes ``test`` split and of the ``holdout`` split (captions with a colour-shape pair never seen in
   training), the share of samples whose every attribute is right by the shipped attribute classifier, with the
   objects, relations and positions separately (a layout model draws from the boxes of the same images). The real
   images of each split give the classifier's ceiling. Each row also says what is wrong with the shapes
@@ -14,8 +14,9 @@
   and kinds joined into the wrong pairs, wrong colours, wrong kinds, or both) and, on the samples whose shapes are
   right, how often the caption's relation holds against how often its opposite does. ``--splits train,test``
   scores the first training captions beside unseen ones: a model that does much better on the captions it was
-  trained on has memorised them rather than learnt to compose. ``--attend STEP`` adds, for a pixel-space caption
-  model, a row per scale sampled from the same noise with attention guidance (:mod:`diffusion_course.attend`).
+  trained on has memorised them rather than learnt to compose. ``--attend STEP`` adds, for a caption model (in pixel
+  or latent space), a row per scale sampled from the same noise with attention guidance
+  (:mod:`diffusion_course.attend`; a latent model's maps over its latent grid steer z_t).
 
 A model is a shipped name or an exported folder, in pixel space (lessons 04, 07) or a latent diffusion model
 (lesson 08, e.g. ``ldm_digits32``, ``ldm_shapes32``), which samples latents and decodes them.
@@ -29,6 +30,8 @@ that take one (DDIM's eta, the SDE's noise level); the numbers are reported, nev
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --sampler dpmpp2m_sde --steps 50
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --attend 0.015
+    python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 200 --scales 3 --attend 0.05 \
+        --attend-weights 2,2
 """
 from __future__ import annotations
 
@@ -65,6 +68,16 @@ def parse_splits(text: str) -> Tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown shapes split(s) {', '.join(bad) or '(none given)'}; valid: "
                                          f"{', '.join(shapes.SPLITS)}")
     return splits
+
+
+def parse_weights(text: str) -> Tuple[float, float]:
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 2 or min(weights) < 0:
+        raise argparse.ArgumentTypeError(f"expected two weights >= 0 as BIND,REL, got {text!r}")
+    return weights
 
 
 def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tensor,
@@ -118,9 +131,18 @@ def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     draw, S, info = load_model(args.model, device, args.sampler, args.eta)
     config = ConditionerConfig.from_dict(info["conditioner"])
     if args.attend > 0:
-        if config.kind != "text" or "ldm" in info or args.sampler != "ddim" or args.eta:
-            raise SystemExit("--attend steers DDIM (eta 0) of a pixel-space caption model such as shapes_caption32")
-        model, diffusion, _ = pretrained.load_pretrained(args.model, device=device)
+        if config.kind != "text" or args.sampler != "ddim" or args.eta:
+            raise SystemExit("--attend steers DDIM (eta 0) of a caption model such as shapes_caption32 or ldm_shapes32")
+        options = dict(steps=args.steps, step_size=args.attend, guided_steps=args.attend_steps,
+                       map_size=args.attend_map_size, bind_weight=args.attend_weights[0],
+                       relation_weight=args.attend_weights[1], seed=args.seed)
+        if "ldm" in info:  # the latents z_t are steered, then decoded
+            latent, _ = ldm.load_latent_diffusion(args.model, device=device)
+            steer = lambda captions, s: latent.attention_guided_sample(captions, guidance_scale=s, **options)  # noqa: E731
+        else:
+            model, diffusion, _ = pretrained.load_pretrained(args.model, device=device)
+            steer = lambda captions, s: attend.attention_guided_sample(  # noqa: E731
+                model, diffusion, captions, guidance_scale=s, **options)
     segmenter = classifier.load_shape_classifier()
     rows = []
     for split in args.splits:
@@ -139,9 +161,7 @@ def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, An
                              **_diagnosis(segmenter, xs, sub, result)))
             if args.attend > 0:  # the same noise, steered by the cross-attention maps
                 t0 = time.time()
-                xs = attend.attention_guided_sample(model, diffusion, sub.captions, steps=args.steps,
-                                                    guidance_scale=s, step_size=args.attend,
-                                                    guided_steps=args.attend_steps, seed=args.seed)
+                xs = steer(sub.captions, s)
                 secs = time.time() - t0
                 result = classifier.adherence_of(segmenter, xs, sub)
                 rows.append(dict(split=split, scale=s, name=f"s = {s} + attention", seconds=secs, **_shares(result),
@@ -182,6 +202,10 @@ def main(argv: Any = None) -> Dict[str, Any]:
                         "0.015 in lesson 07), from the same noise (default 0: off)")
     p.add_argument("--attend-steps", type=int, default=10, help="DDIM steps that attention guidance steers "
                                                                  "(the first ones; default 10)")
+    p.add_argument("--attend-weights", type=parse_weights, default=(1.0, 2.0), metavar="BIND,REL",
+                   help="weights of the binding and the relation loss of attention guidance (default 1,2)")
+    p.add_argument("--attend-map-size", type=int, default=16, help="side of the grid the cross-attention maps are "
+                   "resized to for attention guidance (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)

@@ -32,7 +32,7 @@ does not.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,9 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
                             bind_weight: float = 1.0, relation_weight: float = 2.0, margin: float = 0.15,
                             map_size: int = 16, seed: int = 0, batch_size: int = 50,
                             x_T: Optional[torch.Tensor] = None,
-                            relation_fn: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+                            relation_fn: Optional[Callable[..., torch.Tensor]] = None,
+                            shape: Optional[Sequence[int]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                            clip: bool = True) -> torch.Tensor:
     """One image per caption, ``(n, C, S, S)`` in [-1, 1] on the CPU, by DDIM with ``steps`` steps and
     classifier-free guidance of scale ``guidance_scale``, the first ``guided_steps`` of them (all of them when
     ``guided_steps >= steps``) preceded by an
@@ -196,6 +198,12 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
     generator seeded by ``seed`` (or from ``x_T``) as in :func:`~diffusion_course.training.sample_images`, so
     ``step_size = 0`` gives the same images. Each guided step costs one more forward and backward pass of the
     conditional network. ``relation_fn(p_a, p_b, relation, margin)`` replaces :func:`pair_relation_loss`.
+
+    A latent model steers its latents the same way
+    (:meth:`~diffusion_course.ldm.LatentDiffusion.attention_guided_sample`): it passes ``shape``, the
+    ``(c, h, w)`` of one sample (default: the U-Net's channels and image size), ``model_kwargs``, further inputs
+    of every network call with one row per caption (such as an inpainting model's ``concat``), and
+    ``clip=False`` to get the samples unclamped (default: clamped to [-1, 1]).
     Lesson: 07_cross_attention.
     """
     encoder = _text_model(model)
@@ -210,7 +218,12 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
     ids = encoder.tokenizer.encode(list(captions))[0]
     device = next(model.parameters()).device
     c = model.config
-    shape = (len(captions), c.in_channels, c.image_size, c.image_size)
+    shape = (len(captions),) + tuple(shape or (c.in_channels, c.image_size, c.image_size))
+    extra = dict(model_kwargs or {})
+    for key, value in extra.items():
+        if len(value) != len(captions):
+            raise ValueError(f"model_kwargs[{key!r}] has {len(value)} rows for {len(captions)} captions; give one "
+                             f"row per caption")
     x_all = diffusion._start(model, shape, x_T, torch.Generator().manual_seed(seed), device)
     seq = diffusion.ddim_timesteps(steps)
     guided = ClassifierFreeGuidance(model, guidance_scale)
@@ -221,20 +234,22 @@ def attention_guided_sample(model: nn.Module, diffusion: GaussianDiffusion, capt
         for start in range(0, len(captions), batch_size):
             x, cond = x_all[start:start + batch_size], ids[start:start + batch_size].to(device)
             part, B = roles[start:start + batch_size], len(cond)
+            kwargs = {key: value[start:start + batch_size].to(device) for key, value in extra.items()}
             keep = torch.zeros(B, dtype=torch.bool, device=device)
             for k, t in enumerate(seq):
                 t_prev = seq[k + 1] if k + 1 < len(seq) else -1
                 if k < guided_steps and step_size > 0:
                     x = x.detach().requires_grad_(True)
                     with torch.enable_grad(), record_cross_attention(model, keep_graph=True) as record:
-                        model(x, torch.full((B,), t, dtype=torch.long, device=device), cond=cond, drop=keep)
+                        model(x, torch.full((B,), t, dtype=torch.long, device=device), cond=cond, drop=keep,
+                              **kwargs)
                         loss = attention_loss(record.token_maps(map_size), part, bind_weight, relation_weight,
                                               margin, relation_fn)
                         grad, = torch.autograd.grad(loss.sum(), x)
                     rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
                     x = (x - step_size * math.sqrt(1.0 - float(diffusion.alpha_bar[t])) * grad / rms).detach()
-                x = diffusion.ddim_step(guided, x, t, t_prev, model_kwargs={"cond": cond})
-            out.append(x.clamp(-1.0, 1.0).float().cpu())
+                x = diffusion.ddim_step(guided, x, t, t_prev, model_kwargs={"cond": cond, **kwargs})
+            out.append((x.clamp(-1.0, 1.0) if clip else x).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

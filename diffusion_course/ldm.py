@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import attend
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .conditions import build_model
 from .ddpm import GaussianDiffusion
@@ -368,6 +369,25 @@ class LatentDiffusion(nn.Module):
             k = keep.float().cpu()
             out = k * images.float().cpu() + (1 - k) * out
         return out
+
+    def attention_guided_sample(self, captions: Sequence[str], guidance_scale: float = 3.0, steps: int = 50,
+                                seed: int = 0, decode: bool = True, **kwargs: Any) -> torch.Tensor:
+        """One image per caption by DDIM with attention guidance (:func:`attend.attention_guided_sample
+        <diffusion_course.attend.attention_guided_sample>`, whose other options ``kwargs`` takes) on the latents
+        z_t: the text-conditional denoiser's cross-attention maps over the h x w latent grid steer z_t. An
+        inpainting model knows nothing (it generates the whole image). ``step_size=0`` gives the images of
+        :meth:`sample` with DDIM, the same ``steps`` and ``seed``. Returns images ``(n, C, H, W)`` in [-1, 1]
+        on the CPU, or the latents with ``decode=False``. Lesson: 08_latent_diffusion."""
+        if self.spatial == "semantic":
+            raise ValueError("attention guidance steers a caption model; this one is conditioned on a semantic map")
+        n = len(captions)
+        extra = {}
+        if self.spatial == "inpaint":  # nothing known: [z_known * m, m] = 0
+            extra["concat"] = torch.zeros((n, self.latent_shape[0] + 1) + self.latent_shape[1:])
+        z = attend.attention_guided_sample(self.denoiser, self.diffusion, captions, steps=steps,
+                                           guidance_scale=guidance_scale, seed=seed, shape=self.latent_shape,
+                                           model_kwargs=extra, clip=False, **kwargs)
+        return self.decode(z).clamp(-1.0, 1.0).float().cpu() if decode else z
 
     # -- saving -----------------------------------------------------------------------------------
     def asset_config(self) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from diffusion_course import attend, pretrained, shapes
+from diffusion_course import attend, ldm, pretrained, shapes
 from diffusion_course.attend import CaptionRoles, caption_roles
 from diffusion_course.nn import record_cross_attention
 from diffusion_course.training import sample_images
@@ -170,3 +170,24 @@ def test_attention_guided_sampling(caption_model):
         attend.attention_guided_sample(model, diffusion, captions, guided_steps=-1)
     with pytest.raises(ValueError, match="at least one caption"):
         attend.attention_guided_sample(model, diffusion, [])
+
+
+def test_attention_guided_sampling_of_a_latent_model():
+    torch.set_num_threads(1)
+    latent, _ = ldm.load_latent_diffusion("ldm_shapes32", "cpu")  # caption and inpainting, over 4x8x8 latents
+    captions = ["a red circle above a blue square", "a green triangle in the middle"]
+    images = latent.attention_guided_sample(captions, steps=3, step_size=0.0, seed=2)
+    ids = latent.denoiser.conditioner.tokenizer.encode(captions)[0]
+    assert torch.equal(images, latent.sample(2, cond=ids, guidance_scale=3.0, steps=3, seed=2))  # plain DDIM
+    z = latent.attention_guided_sample(captions, steps=3, guided_steps=1, map_size=8, decode=False)
+    assert z.shape == (2, 4, 8, 8) and z.abs().max() > 1  # latents, not clamped to [-1, 1]
+    plain_z = latent.attention_guided_sample(captions, steps=3, step_size=0.0, decode=False)
+    assert not torch.allclose(z, plain_z)
+    steered = latent.attention_guided_sample(captions, steps=3, guided_steps=1, map_size=8)
+    assert torch.equal(steered, latent.decode(z).clamp(-1, 1))
+    with pytest.raises(ValueError, match="rows for 2 captions"):
+        attend.attention_guided_sample(latent.denoiser, latent.diffusion, captions, shape=latent.latent_shape,
+                                       model_kwargs={"concat": torch.zeros(3, 5, 8, 8)})
+    semantic, _ = ldm.load_latent_diffusion("ldm_shapes32_semantic", "cpu")
+    with pytest.raises(ValueError, match="semantic map"):
+        semantic.attention_guided_sample(captions)

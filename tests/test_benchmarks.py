@@ -130,8 +130,17 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
                                            "--steps", "2", "--splits", "test", "--attend", "0.015",
                                            "--attend-steps", "1"])
     assert [r["name"] for r in steered["rows"]] == ["real images", "s = 3.0", "s = 3.0 + attention"]
-    with pytest.raises(SystemExit):  # attention guidance steers pixel-space caption models only
-        load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--n", "2", "--attend", "0.01"])
+    with pytest.raises(SystemExit):  # attention guidance steers caption models only
+        load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32_layout", "--n", "2", "--attend",
+                                     "0.01"])
+    latent_steered = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu",
+                                                  "--n", "2", "--scales", "3", "--steps", "2", "--splits", "test",
+                                                  "--attend", "0.015", "--attend-steps", "1", "--attend-map-size", "8",
+                                                  "--attend-weights", "2,2"])
+    assert [r["name"] for r in latent_steered["rows"]] == ["real images", "s = 3.0", "s = 3.0 + attention"]
+    for bad in ("2", "1,-1", "a,b"):
+        with pytest.raises(SystemExit):
+            load("bench_guidance").main(["--task", "shapes", "--attend", "0.01", "--attend-weights", bad])
     # a latent diffusion model (lesson 08) goes through the same script
     latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
                                           "--scales", "3", "--steps", "2"])
