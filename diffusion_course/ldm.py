@@ -378,8 +378,6 @@ class LatentDiffusion(nn.Module):
         inpainting model knows nothing (it generates the whole image). ``step_size=0`` gives the images of
         :meth:`sample` with DDIM, the same ``steps`` and ``seed``. Returns images ``(n, C, H, W)`` in [-1, 1]
         on the CPU, or the latents with ``decode=False``. Lesson: 08_latent_diffusion."""
-        if self.spatial == "semantic":
-            raise ValueError("attention guidance steers a caption model; this one is conditioned on a semantic map")
         n = len(captions)
         extra = {}
         if self.spatial == "inpaint":  # nothing known: [z_known * m, m] = 0

@@ -189,5 +189,5 @@ def test_attention_guided_sampling_of_a_latent_model():
         attend.attention_guided_sample(latent.denoiser, latent.diffusion, captions, shape=latent.latent_shape,
                                        model_kwargs={"concat": torch.zeros(3, 5, 8, 8)})
     semantic, _ = ldm.load_latent_diffusion("ldm_shapes32_semantic", "cpu")
-    with pytest.raises(ValueError, match="semantic map"):
+    with pytest.raises(ValueError, match="caption-conditional"):  # a semantic-map model reads no caption
         semantic.attention_guided_sample(captions)
