@@ -283,6 +283,10 @@ class LatentDiffusion(nn.Module):
             return semantic_condition(semantic, self.num_classes, self.f)
         return None
 
+    def _nothing_known(self, n: int) -> torch.Tensor:
+        """An inpainting model's ``concat`` when nothing is known: [z_known * m, m] = 0, ``(n, c + 1, h, w)``."""
+        return torch.zeros((n, self.latent_shape[0] + 1) + self.latent_shape[1:])
+
     # -- L_cond -------------------------------------------------------------------------------------
     def loss(self, z0: torch.Tensor, cond: Any = None, concat: Optional[torch.Tensor] = None,
              drop: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -319,7 +323,7 @@ class LatentDiffusion(nn.Module):
         with nothing known (the whole image generated). Lesson: 08_latent_diffusion."""
         model, kwargs = self._eps_model(cond, guidance_scale, n)
         if concat is None and self.spatial == "inpaint":  # nothing known: the inpainting model generates freely
-            concat = torch.zeros((n, self.latent_shape[0] + 1) + self.latent_shape[1:])
+            concat = self._nothing_known(n)
         if concat is not None:
             kwargs["concat"] = concat.to(self.device)
         elif self.spatial != "none":
@@ -380,8 +384,8 @@ class LatentDiffusion(nn.Module):
         on the CPU, or the latents with ``decode=False``. Lesson: 08_latent_diffusion."""
         n = len(captions)
         extra = {}
-        if self.spatial == "inpaint":  # nothing known: [z_known * m, m] = 0
-            extra["concat"] = torch.zeros((n, self.latent_shape[0] + 1) + self.latent_shape[1:])
+        if self.spatial == "inpaint":
+            extra["concat"] = self._nothing_known(n)
         z = attend.attention_guided_sample(self.denoiser, self.diffusion, captions, steps=steps,
                                            guidance_scale=guidance_scale, seed=seed, shape=self.latent_shape,
                                            model_kwargs=extra, clip=False, **kwargs)
