@@ -20,8 +20,19 @@ install:
 lab: install
 	$(BIN)/python -m jupyter lab $(strip $(ALLOW_ROOT) $(LAB_ARGS) notebooks/)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; each test file, and so each notebook, stays whole in
+# one of them, and each keeps to one CPU thread), then the site's tests, whose build reuses the lessons the
+# first run executed. TEST_WORKERS=0 runs everything in this one process, the site's tests last.
+TEST_WORKERS ?= 2
+
 test: install
+ifeq ($(TEST_WORKERS),0)
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env tests notebooks
+else
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile \
+		--ignore tests/test_site.py tests notebooks
+	$(BIN)/python -m pytest tests/test_site.py
+endif
 
 build: install
 	$(BIN)/python -m diffusion_course build

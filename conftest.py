@@ -13,6 +13,7 @@ which nbval runs cell by cell.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -28,6 +29,12 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 os.environ["DIFFUSION_COURSE_MODE"] = "quick"
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes (``make test`` runs pytest-xdist's workers, one per core): each one and the
+    # kernels it starts keep to one CPU thread, so the workers never take each other's cores
+    # (``utils.cpu_threads``: two processes that both ask for every core both run slower)
+    os.environ.setdefault("DIFFUSION_COURSE_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -102,7 +109,26 @@ def _store_in_site_cache(path: Path, nb, record: _LessonRecord) -> None:
         for out in cell.outputs:
             if out.get("output_type") == "execute_result":
                 out["execution_count"] = count
-    cache = get_cache(str(cache_folder(ROOT, "quick")))
+    folder = cache_folder(ROOT, "quick")
+    folder.mkdir(parents=True, exist_ok=True)
     uri = str(ROOT / "docs" / "lessons" / path.name)
-    cache.cache_notebook_bundle(CacheBundleIn(executed, uri, data={"executed_by": "nbval"}),
-                                check_validity=False, overwrite=True)
+    with _exclusive(folder / ".nbval-store.lock"):  # parallel workers write one cache (an SQLite file) in turn
+        cache = get_cache(str(folder))
+        cache.cache_notebook_bundle(CacheBundleIn(executed, uri, data={"executed_by": "nbval"}),
+                                    check_validity=False, overwrite=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (where the platform offers ``fcntl``; elsewhere nothing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
