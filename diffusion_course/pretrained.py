@@ -66,22 +66,27 @@ def write_asset(out_dir: Union[str, os.PathLike], weights: Dict[str, torch.Tenso
     return out
 
 
-def read_asset(name: Union[str, os.PathLike], kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_asset(name: Union[str, os.PathLike], kind: Union[str, Tuple[str, ...]]
+               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """The weights (floating point as float32) and the config dict (with ``command``) of a shipped model of
-    ``kind`` by name, or of an exported folder by path; a clear error lists the shipped ones. Lesson: 04_unet."""
+    ``kind`` (or of one of several kinds) by name, or of an exported folder by path; a clear error lists the
+    shipped ones. Lesson: 04_unet."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     folder = Path(name) if Path(name).is_dir() else ASSETS / str(name)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / "config.json").is_file():
-        raise ValueError(f"no shipped {kind} model {str(name)!r}; available: {', '.join(available(kind)) or 'none'}")
+        shipped = [n for k in kinds for n in available(k)]
+        raise ValueError(f"no shipped {' or '.join(kinds)} model {str(name)!r}; available: "
+                         f"{', '.join(shipped) or 'none'}")
     try:
         config = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ckpt.DamagedCheckpoint(f"{folder / 'config.json'} is not valid JSON ({e}); restore the folder "
                                      f"from the repository or export the model again") from None
-    if _kind_of(config) != kind:
+    if _kind_of(config) not in kinds:
         hint = {"ldm": " (a latent diffusion model: load it with diffusion_course.ldm.load_latent_diffusion)",
                 "sr": " (a super-resolution model: load it with diffusion_course.stablesr.load_sr)"
                 }.get(_kind_of(config), "")
-        raise ValueError(f"{folder} holds no {kind} model; its config has {sorted(config)}{hint}")
+        raise ValueError(f"{folder} holds no {' or '.join(kinds)} model; its config has {sorted(config)}{hint}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.read_tensors(folder / WEIGHTS_FILE).items()}
     command = (folder / "COMMAND.txt").read_text() if (folder / "COMMAND.txt").is_file() else ""
     return state, {**config, "command": command}

@@ -10,10 +10,12 @@ Taught in lesson 04_unet.
     python -m diffusion_course train --dataset shapes --condition caption --out runs/shapes
     python -m diffusion_course sample --checkpoint runs/shapes --out red.png --caption "a red circle above a blue square"
     python -m diffusion_course train --init-from shapes_caption32 --steps 2000 --out runs/more  # fine-tune it
+    python -m diffusion_course train --init-from ldm_shapes32 --lr 1e-4 --steps 2000 --out runs/ldm_more
     torchrun --nproc_per_node=4 -m diffusion_course train ...              # one process per GPU (DDP)
 
 A run started with ``--init-from`` begins from a shipped model's weights (a new run: step 0, a fresh optimizer),
-with that model's network and, unless given, its data set, condition and schedule. A resumed run takes every setting
+with that model's network and, unless given, its data set, condition and schedule (a latent model: also its
+autoencoder and spatial condition, so that the run trains on the same latents). A resumed run takes every setting
 from its checkpoint; options given beside ``--resume`` override them,
 and the trainer refuses those that would change what the model learns (e.g. ``--lr``).
 """
@@ -72,12 +74,14 @@ TRAIN_HELP = {
                    "trains on its latents",
     "spatial": "latent diffusion's spatial condition concatenated to z_t: none, inpaint or semantic (shapes)",
     "p_hide_all": "inpainting runs: probability that a training mask hides the whole image (plain generation)",
-    "init_from": "fine-tune a shipped pixel-space model (name or exported folder): a new run starting from its "
-                 "weights, with its network, data set, image size, condition and schedule unless given",
+    "init_from": "fine-tune a shipped model (name or exported folder): a new run starting from its weights, with "
+                 "its network, data set, image size, condition and schedule (and a latent model's autoencoder and "
+                 "spatial condition) unless given",
 }
 ENCODER_SETTINGS = ("depth", "num_heads", "max_length")  # a condition encoder's own sizes
 INIT_FROM_TASK = ("dataset", "image_size", "condition", "p_uncond", "T", "schedule", "clip_x0", "sampler", "sample_steps",
                   "guidance_scale")  # what --init-from takes from the model unless given
+LATENT_TASK = ("autoencoder", "spatial", "p_hide_all")  # and from a latent model
 OPTIONAL_TYPES = {"image_size": int, "out": str, "device": str, "autoencoder": str, "init_from": str}
 BOOLEANS = ("ema_warmup", "progress", "clip_x0")
 UNET_ARGS = {
@@ -185,11 +189,12 @@ def _train(args: argparse.Namespace) -> int:
                              f"--resume {train_over['out']}, or choose another --out")
             asset = None
             if "init_from" in train_over:  # the model to fine-tune fixes the network and, unless given, the task
-                _, asset = read_asset(train_over["init_from"], "unet")
-                for key in INIT_FROM_TASK:
+                _, asset = read_asset(train_over["init_from"], ("unet", "ldm"))
+                for key in INIT_FROM_TASK + (LATENT_TASK if "ldm" in asset else ()):
                     if key in asset["train"]:
                         train_over.setdefault(key, asset["train"][key])
-                unet_over = {**asset["unet"], **unet_over}
+                fixed = ("image_size", "in_channels", "out_channels") if "ldm" in asset else ()  # by the latents
+                unet_over = {**{k: v for k, v in asset["unet"].items() if k not in fixed}, **unet_over}
             config = TrainConfig.from_dict(train_over)
             info, _, created = setup_distributed(config.device)
             with main_process_first(info):  # one download at a time

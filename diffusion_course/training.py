@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -96,9 +97,10 @@ class TrainConfig(ConfigDict):
     (``none``, ``inpaint``, ``semantic``) its spatial condition; an inpainting run hides a random rectangle of
     each training latent, or with probability ``p_hide_all`` all of it, so that one model both inpaints and
     generates. ``clip_x0 = None`` means True in pixel space and False in latent space (clipping latents to
-    [-1, 1] is an error). ``init_from`` (a shipped pixel-space model's name or an exported folder) starts the
+    [-1, 1] is an error). ``init_from`` (a shipped model's name or an exported folder) starts the
     weights, and their EMA, from that model's instead of from random ones: a new run (step 0, a fresh optimizer
-    and warm-up) that fine-tunes it; its network and condition encoder must be configured as the model's were.
+    and warm-up) that fine-tunes it; its network and condition encoder must be configured as the model's were,
+    and a latent model is fine-tuned by a latent run on the same autoencoder, scale factor and spatial condition.
     With ``ema_warmup=False`` the EMA keeps its long memory from the first step, which suits a fine-tune (the
     warm-up's short memory would forget the starting weights within a few hundred steps).
     Lesson: 04_unet.
@@ -451,7 +453,9 @@ class Trainer:
             self.model = ConditionalDenoiser(self.model)  # the home of the concatenated spatial condition
         self.model = self.model.to(self.device)
         if c.init_from is not None and resume is None:  # a resumed run's weights come from its checkpoint
-            self._init_from(c.init_from)
+            latent = None if c.autoencoder is None else dict(
+                autoencoder=autoencoder, scale_factor=scale_factor, spatial=c.spatial, num_classes=num_classes)
+            self._init_from(c.init_from, latent)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         torch.manual_seed(stream_seed(c.seed, self.dist.rank, 2))  # the global generator drives dropout
         self.net: nn.Module = self.model  # what the loss calls: the model, or its DDP wrapper
@@ -614,13 +618,33 @@ class Trainer:
             return None
         return save_grid(self.sample(), Path(self.config.out) / "samples" / f"step_{self.step:06d}.png")
 
-    def _init_from(self, name: str) -> None:
+    def _init_from(self, name: str, latent: Optional[Dict[str, Any]] = None) -> None:
         """Load the weights of the shipped model (or exported folder) ``name`` into the fresh model, after checking
-        that it was built with this run's U-Net and condition-encoder configuration."""
-        if self.config.autoencoder is not None:
-            raise ValueError("init_from starts a pixel-space run from a shipped model; a latent diffusion run "
-                             "(autoencoder=...) cannot use it")
-        state, config = read_asset(name, "unet")
+        that it was built with this run's U-Net and condition-encoder configuration. A latent run (``latent``:
+        this run's ``autoencoder``, ``scale_factor``, ``spatial`` and ``num_classes``) starts from a latent
+        diffusion model's denoiser, trained on the same autoencoder, scale factor and spatial condition."""
+        kind = "unet" if latent is None else "ldm"
+        try:
+            state, config = read_asset(name, kind)
+        except ValueError as e:
+            run = "a pixel-space run (no autoencoder)" if latent is None else "a latent run (autoencoder=...)"
+            raise ValueError(f"init_from: {e}; {run} starts from a {'pixel-space' if latent is None else 'latent'} "
+                             f"model") from None
+        if latent is not None:
+            theirs = latent_diffusion_from(state, config, device="cpu")  # resolves a shipped autoencoder it names
+            problems = [f"{key} {getattr(theirs, key)!r} (this run: {latent[key]!r})"
+                        for key in ("spatial", "num_classes") if getattr(theirs, key) != latent[key]]
+            if not math.isclose(theirs.scale_factor, latent["scale_factor"], rel_tol=1e-4):
+                problems.append(f"latent scale factor {theirs.scale_factor:.6g} "
+                                f"(this run: {latent['scale_factor']:.6g})")
+            mine = {k: v.cpu() for k, v in latent["autoencoder"].state_dict().items()}
+            ours = theirs.autoencoder.state_dict()
+            if mine.keys() != ours.keys() or not all(torch.equal(v, ours[k]) for k, v in mine.items()):
+                problems.append("another autoencoder's latents")
+            if problems:
+                raise ValueError(f"init_from={name!r} is a latent model of other latents than this run's: "
+                                 + "; ".join(problems) + "; train on its autoencoder, with its spatial condition")
+            state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
         saved = {"unet": config["unet"], "conditioner": config.get("conditioner")}
         mine = {"unet": self.unet_config.to_dict(),
                 "conditioner": self.conditioner_config.to_dict() if self.conditioner_config is not None else None}

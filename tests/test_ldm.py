@@ -264,6 +264,47 @@ def test_a_latent_run_trains_resumes_exactly_and_exports(tmp_path, digits, one_t
     assert tr2.sample(2).shape == (2, 1, 32, 32)
 
 
+def test_init_from_fine_tunes_a_latent_model_on_the_same_latents(tmp_path, digits, capsys, one_thread):
+    tr = _latent_trainer(tmp_path, digits, spatial="inpaint", steps=2, checkpoint_every=0)
+    tr.train()
+    asset = pretrained.export(tmp_path / "run", tmp_path / "asset")
+    state, _ = pretrained.read_asset(asset, "ldm")
+    ft = _latent_trainer(tmp_path, digits, spatial="inpaint", init_from=str(asset), out=None)
+    assert ft.step == 0
+    for k, v in ft.model.state_dict().items():  # the denoiser and its EMA start from the model's weights
+        assert torch.equal(v, state["denoiser." + k]) and torch.equal(ft.ema.state_dict()[k], v), k
+    assert ft.train_step() > 0
+    assert not all(torch.equal(v, state["denoiser." + k]) for k, v in ft.model.state_dict().items())
+    # other latents are refused, naming what differs
+    with pytest.raises(ValueError, match="spatial 'inpaint' \\(this run: 'none'\\)"):
+        _latent_trainer(tmp_path, digits, init_from=str(asset), out=None)
+    ae_state, ae_config = pretrained.read_asset("ae_digits32_f4", "autoencoder")
+    first = next(iter(ae_state))
+    ae_state[first] = ae_state[first] + 0.01
+    pretrained.write_asset(tmp_path / "ae2", ae_state, {"autoencoder": ae_config["autoencoder"],
+                                                        "scale_factor": ae_config["scale_factor"]})
+    with pytest.raises(ValueError, match="another autoencoder's latents"):
+        _latent_trainer(tmp_path, digits, spatial="inpaint", autoencoder=str(tmp_path / "ae2"),
+                        init_from=str(asset), out=None)
+    with pytest.raises(ValueError, match="a latent run .* starts from a latent model"):
+        _latent_trainer(tmp_path, digits, init_from="cond_digits16", out=None)
+    with pytest.raises(ValueError, match="a pixel-space run .* starts from a pixel-space model"):
+        Trainer(TrainConfig(dataset="digits", image_size=32, condition="class", init_from=str(asset), progress=False,
+                            device="cpu"))
+    # the command line takes the network, the autoencoder and the spatial condition from the model
+    run = tmp_path / "finetune"
+    assert main(["train", "--init-from", str(asset), "--lr", "1e-4", "--steps", "1", "--batch-size", "4",
+                 "--sample-every", "0", "--n-samples", "1", "--sample-steps", "2", "--checkpoint-every", "0",
+                 "--no-progress", "--device", "cpu", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["autoencoder"] == "ae_digits32_f4" and config["train"]["spatial"] == "inpaint"
+    assert config["train"]["init_from"] == str(asset) and config["train"]["lr"] == 1e-4
+    assert config["unet"]["in_channels"] == 9 and config["unet"]["model_channels"] == TINY["model_channels"]
+    assert main(["train", "--init-from", str(asset), "--spatial", "none", "--steps", "1", "--no-progress",
+                 "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
+    assert "spatial" in capsys.readouterr().err
+
+
 def test_an_inpainting_run_draws_holes_and_samples_by_inpainting(tmp_path, digits, one_thread):
     tr = _latent_trainer(tmp_path, digits, spatial="inpaint", out=None)
     assert tr.unet_config.in_channels == 9
