@@ -31,7 +31,7 @@ that take one (DDIM's eta, the SDE's noise level); the numbers are reported, nev
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --sampler dpmpp2m_sde --steps 50
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --attend 0.015
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 200 --scales 3 --attend 0.08 \
-        --attend-weights 2,2
+        --attend-steps 12 --attend-weights 2,2
 """
 from __future__ import annotations
 
