@@ -411,12 +411,15 @@ def build_latent_diffusion(autoencoder: Autoencoder, scale_factor: float, unet_c
                            spatial, num_classes)
 
 
+LATENT_FIXED = ("image_size", "in_channels", "out_channels")  # U-Net settings that a latent space fixes
+
+
 def latent_unet_config(autoencoder_config: AutoencoderConfig, spatial: str = "none", num_classes: int = 0,
                        **unet: Any) -> UNetConfig:
     """The U-Net configuration for latents of this autoencoder: image size H/f, out_channels c, in_channels
     c + the spatial condition's channels; other settings from ``unet``. Lesson: 08_latent_diffusion."""
     c, h, _ = autoencoder_config.latent_shape
-    fixed = sorted({"image_size", "in_channels", "out_channels"} & set(unet))
+    fixed = sorted(set(LATENT_FIXED) & set(unet))
     if fixed:
         raise ValueError(f"{', '.join(fixed)} of a latent U-Net follow from the autoencoder and the spatial condition; "
                          f"leave them out")
@@ -456,6 +459,7 @@ def latent_diffusion_from(state: Dict[str, torch.Tensor], config: Dict[str, Any]
 
 
 __all__: Sequence[str] = (
-    "SPATIAL", "LatentDiffusion", "blend_known", "box_keep_masks", "build_latent_diffusion", "encode_images",
-    "inpaint_combine", "inpaint_condition", "keep_mask_to_latent", "latent_diffusion_from", "latent_unet_config",
-    "load_latent_diffusion", "masked_psnr", "random_keep_masks", "semantic_condition", "spatial_channels")
+    "LATENT_FIXED", "SPATIAL", "LatentDiffusion", "blend_known", "box_keep_masks", "build_latent_diffusion",
+    "encode_images", "inpaint_combine", "inpaint_condition", "keep_mask_to_latent", "latent_diffusion_from",
+    "latent_unet_config", "load_latent_diffusion", "masked_psnr", "random_keep_masks", "semantic_condition",
+    "spatial_channels")

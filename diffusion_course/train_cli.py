@@ -34,7 +34,7 @@ from .autoencoder import AutoencoderConfig
 from .conditions import conditional_data, encode_captions
 from .data import DatasetUnavailable, get_dataset
 from .distributed import leave_process_group, main_process_first, setup_distributed
-from .ldm import LatentDiffusion, latent_unet_config
+from .ldm import LATENT_FIXED, LatentDiffusion, latent_unet_config
 from .nn import ConditionerConfig, UNetConfig
 from .pretrained import read_asset
 from .solvers import SPACINGS
@@ -193,7 +193,7 @@ def _train(args: argparse.Namespace) -> int:
                 for key in INIT_FROM_TASK + (LATENT_TASK if "ldm" in asset else ()):
                     if key in asset["train"]:
                         train_over.setdefault(key, asset["train"][key])
-                fixed = ("image_size", "in_channels", "out_channels") if "ldm" in asset else ()  # by the latents
+                fixed = LATENT_FIXED if "ldm" in asset else ()  # the latents fix these
                 unet_over = {**{k: v for k, v in asset["unet"].items() if k not in fixed}, **unet_over}
             config = TrainConfig.from_dict(train_over)
             info, _, created = setup_distributed(config.device)
