@@ -7,7 +7,8 @@ DPM-Solver++ 2M (``diffusion_course.solvers``) on the grid that ``--spacing`` na
 default; ``leading`` or ``trailing``), and with ``--dpm-sde`` its stochastic form, DPM-Solver++ 2M SDE, on the same
 grid, once for each noise level of ``--sde-eta`` (1: the reverse SDE; between 0 and 1 it adds less noise). With
 ``--dpm-orders 2,3`` both forms also run at third order (DPM-Solver++ 3M and 3M SDE), each a row of its own. DDIM
-and every DPM-Solver++ form make one network call per step, so a row's step count is its cost.
+and every DPM-Solver++ form make one network call per step, so a row's step count is its cost. ``--amp bf16`` runs
+the network under bf16 autocast (on a GPU, or a CPU with bfloat16 kernels), the samplers' updates in float32.
 
 For each sampler it draws ``--n`` digits from the EMA weights, several times with different seeds, and
 measures, with the package's digit classifier (``diffusion_course.metrics``):
@@ -55,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_course import data, metrics, pretrained, solvers, utils  # noqa: E402
+from diffusion_course import data, metrics, pretrained, solvers, training, utils  # noqa: E402
+from diffusion_course.training import select_amp  # noqa: E402
 
 
 def parse_steps(text: str) -> List[int]:
@@ -111,6 +113,9 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                    help="sample through torch.compile in this mode (reduce-overhead: CUDA graphs on a GPU); the code "
                         "generation is timed apart, before the timed runs")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                   help="run the network under autocast in this precision (bf16: a GPU, or a CPU with bfloat16 "
+                        "kernels); the samplers' updates stay in float32")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.n < 2 or args.seeds < 1 or args.batch < 1:
@@ -121,6 +126,9 @@ def main(argv: Any = None) -> Dict[str, Any]:
     device = torch.device(args.device) if args.device else utils.get_device()
     model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
     size = config["unet"]["image_size"]
+    amp_dtype = select_amp(device, args.amp)
+    if amp_dtype is not None:
+        model = utils.Autocast(model, amp_dtype)
     compile_seconds = None
     if args.compile != "off":  # every sampler calls the network on the same shapes: compile once, before timing
         model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
@@ -139,7 +147,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     if args.n > len(train_real):
         p.error(f"--n {args.n} exceeds the {len(train_real)} real training digits the floor needs")
     clf = metrics.load_digit_classifier(32)
-    print(f"model {args.model} (step {config['step']}), {size}x{size}, T = {diffusion.T}, device {device}; "
+    print(f"model {args.model} (step {config['step']}), {size}x{size}, T = {diffusion.T}, device {device}, "
+          f"network in {training.dtype_name(amp_dtype)}; "
           f"reference: digits test split, {len(ref)} images; {args.n} samples per run, {args.seeds} seeds")
 
     def summary(values: List[float]) -> Dict[str, float]:
@@ -248,7 +257,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
                   torch=torch.__version__, n=args.n, seeds=args.seeds, n_reference=len(ref),
                   reference="digits test split", split_half=half, rows=rows,
                   fd_by_size={name: {str(m): summary(v) for m, v in fds.items()} for name, fds in by_size.items()},
-                  fd_inf=fd_inf, compile=args.compile, compile_seconds=compile_seconds)
+                  fd_inf=fd_inf, compile=args.compile, compile_seconds=compile_seconds, amp=args.amp)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

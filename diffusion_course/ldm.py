@@ -48,7 +48,7 @@ from .guidance import ClassifierFreeGuidance
 from .nn import ConditionalDenoiser, ConditionerConfig, UNetConfig
 from .pretrained import asset_sha256, read_asset
 from .solvers import sample_with
-from .utils import get_device
+from .utils import Autocast, get_device
 
 SPATIAL = ("none", "inpaint", "semantic")
 
@@ -300,28 +300,32 @@ class LatentDiffusion(nn.Module):
         return self.diffusion.L_simple(self.denoiser, z0, model_kwargs=kwargs, generator=generator)
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _eps_model(self, cond: Any, guidance_scale: float, n: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    def _eps_model(self, cond: Any, guidance_scale: float, n: int, autocast: Optional[torch.dtype] = None
+                   ) -> Tuple[nn.Module, Dict[str, Any]]:
+        denoiser = self.denoiser if autocast is None else Autocast(self.denoiser, autocast)
         if self.denoiser.conditioner is None:
             if cond is not None:
                 raise ValueError("this model has no condition encoder: sample without cond")
-            return self.denoiser, {}
+            return denoiser, {}
         if cond is None:
             raise ValueError("this model is conditional: pass cond=... (one condition per image)")
         if len(cond) != n:
             raise ValueError(f"{len(cond)} conditions for {n} images; give one condition per image")
-        return ClassifierFreeGuidance(self.denoiser, guidance_scale), {"cond": cond.to(self.device)}
+        return ClassifierFreeGuidance(denoiser, guidance_scale), {"cond": cond.to(self.device)}
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, guidance_scale: float = 1.0, concat: Optional[torch.Tensor] = None,
                sampler: str = "ddim", steps: Optional[int] = None, eta: Optional[float] = None, seed: int = 0,
                x_T: Optional[torch.Tensor] = None, decode: bool = True, progress: bool = False,
-               spacing: str = "linspace") -> torch.Tensor:
+               spacing: str = "linspace", autocast: Optional[torch.dtype] = None) -> torch.Tensor:
         """``n`` samples: images ``(n, C, H, W)`` in [-1, 1] on the CPU (or the latents ``(n, c, h, w)`` with
         ``decode=False``), by DDIM or DPM-Solver++ 2M (``steps`` calls, default 50 and 20) or DDPM (all T), with classifier-free guidance of scale
         ``guidance_scale`` for a conditional model (0: the unconditional model, i.e. the empty condition).
         ``concat`` is the spatial condition (see :meth:`spatial_input`); an inpainting model without it samples
-        with nothing known (the whole image generated). Lesson: 08_latent_diffusion."""
-        model, kwargs = self._eps_model(cond, guidance_scale, n)
+        with nothing known (the whole image generated). ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs
+        the denoiser under autocast (:class:`~diffusion_course.utils.Autocast`); the decoder stays in float32.
+        Lesson: 08_latent_diffusion."""
+        model, kwargs = self._eps_model(cond, guidance_scale, n, autocast)
         if concat is None and self.spatial == "inpaint":  # nothing known: the inpainting model generates freely
             concat = self._nothing_known(n)
         if concat is not None:

@@ -38,7 +38,8 @@ from .ldm import LATENT_FIXED, LatentDiffusion, latent_unet_config
 from .nn import ConditionerConfig, UNetConfig
 from .pretrained import read_asset
 from .solvers import SPACINGS
-from .training import SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid
+from .training import (AMP_CHOICES, SAMPLERS, Trainer, TrainConfig, load_checkpoint, sample_images, save_grid,
+                       select_amp)
 
 TRAIN_HELP = {
     "dataset": "data set name: digits, faces, photo_patches, photos, shapes (offline) or mnist, fashion_mnist, cifar10",
@@ -62,7 +63,7 @@ TRAIN_HELP = {
     "sample_steps": "DDIM steps of the grids",
     "out": "run folder for checkpoints and sample grids (with --resume: defaults to the resumed folder)",
     "amp": "mixed precision: auto (on CUDA the faster of bf16/fp16 autocast and float32, measured and printed; "
-           "off elsewhere), bf16, fp16 or off",
+           "float32 elsewhere), bf16 (a GPU, or a CPU with bfloat16 kernels), fp16 (GPU) or off",
     "compile": "torch.compile the denoiser: off, default, reduce-overhead or max-autotune (code generation takes "
                "a minute or more at the start)",
     "device": "cpu, cuda, cuda:1, mps (default: the best available)",
@@ -150,6 +151,9 @@ def _add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--caption", action="append", default=[], help="caption-conditional models: a caption (give "
                                                                   "several --caption; repeated to fill --n)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                   help="run the network under autocast: bf16 (on a GPU, or a CPU with bfloat16 kernels), fp16 (GPU), "
+                        "auto (a GPU's choice; float32 on the CPU) or off (default: float32)")
     p.set_defaults(func=_sample)
 
 
@@ -249,10 +253,11 @@ def _sample(args: argparse.Namespace) -> int:
             if args.sampler == "ddpm" and args.steps not in (None, diffusion.T):
                 raise ValueError(f"DDPM sampling takes all T = {diffusion.T} steps; use ddim or dpmpp2m for {args.steps}")
             images = model.sample(args.n, cond, args.guidance_scale, sampler=args.sampler, steps=args.steps,
-                                  eta=args.eta, seed=args.seed, spacing=args.spacing)
+                                  eta=args.eta, seed=args.seed, spacing=args.spacing,
+                                  autocast=select_amp(model.device, args.amp))
         else:
             images = sample_images(model, diffusion, args.n, args.sampler, args.steps, args.seed, args.eta,
-                                   cond=cond, guidance_scale=args.guidance_scale, spacing=args.spacing)
+                                   cond=cond, guidance_scale=args.guidance_scale, spacing=args.spacing, amp=args.amp)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         return _fail(str(e))
     path = save_grid(images, args.out, args.nrow)

@@ -65,7 +65,7 @@ from .nn import ConditionalDenoiser, ConditionerConfig, UNet, UNetConfig
 from .pretrained import load_autoencoder, read_asset
 from .schedules import SCHEDULES
 from .solvers import SAMPLERS, sample_with
-from .utils import ConfigDict, get_device, time_it
+from .utils import Autocast, ConfigDict, cpu_bf16_supported, get_device, time_it
 from .viz import make_grid
 
 
@@ -86,7 +86,8 @@ class TrainConfig(ConfigDict):
     checkpoints only when :meth:`Trainer.train` returns; ``out = None`` writes nothing. ``amp`` is one of
     ``auto``, ``bf16``, ``fp16``, ``off``: ``auto`` on a CUDA GPU times a few training steps of this network in
     bf16 (or fp16) autocast and in float32 and keeps the faster (:func:`measure_amp`; small networks are
-    launch-bound and often faster in float32), and is float32 elsewhere. ``compile`` runs the denoiser through
+    launch-bound and often faster in float32), and is float32 elsewhere; ``bf16`` also runs on a CPU with bfloat16
+    kernels (:func:`select_amp`). ``compile`` runs the denoiser through
     ``torch.compile`` in one of its modes (``default``, ``reduce-overhead``, ``max-autotune``; ``off`` by default:
     the first steps then wait for code generation, about a minute for the digits U-Net on a 2-core CPU, which pays
     only in long runs). ``device = None`` picks the best one. ``image_size = None`` takes
@@ -192,17 +193,26 @@ def select_amp(device: Union[str, torch.device], amp: str = "auto",
                bf16_supported: Optional[bool] = None) -> Optional[torch.dtype]:
     """The autocast dtype for ``device``: ``torch.bfloat16``, ``torch.float16`` (needs a gradient scaler)
     or ``None`` (full float32). ``auto`` takes bf16 on a CUDA GPU that supports it, else fp16, and None off
-    CUDA. ``bf16_supported`` overrides the GPU query (for tests). Lesson: 04_unet.
+    CUDA. On the CPU ``bf16`` is allowed where the CPU has bfloat16 kernels
+    (:func:`~diffusion_course.utils.cpu_bf16_supported`); ``auto`` stays float32 there, so that a lesson's figures do
+    not depend on which CPU ran it (``benchmarks/README.md`` measures what bf16 gains). ``bf16_supported`` overrides
+    the query of the GPU or the CPU (for tests). Lesson: 04_unet.
     """
     device = torch.device(device)
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == "off":
         return None
+    if device.type == "cpu" and amp == "bf16":
+        if not (cpu_bf16_supported() if bf16_supported is None else bf16_supported):
+            raise ValueError("this CPU has no bfloat16 kernels (AVX-512 with BF16, or AMX), where bf16 autocast would "
+                             "be slower than float32; use amp='off'")
+        return torch.bfloat16
     if device.type != "cuda":
         if amp == "auto":
             return None
-        raise ValueError(f"mixed precision ({amp}) is only used on CUDA GPUs, not on {device.type}; use amp='off'")
+        raise ValueError(f"mixed precision ({amp}) is used on CUDA GPUs and, as bf16, on CPUs with bfloat16 kernels, "
+                         f"not as {amp} on {device.type}; use amp='off'")
     if bf16_supported is None:
         bf16_supported = torch.cuda.is_bf16_supported()
     if amp == "bf16" and not bf16_supported:
@@ -327,7 +337,7 @@ def train_loop(trainer: Any, num_steps: Optional[int], desc: str, progress: bool
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim",
                   steps: Optional[int] = None, seed: int = 0, eta: Optional[float] = None, progress: bool = True,
                   cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
-                  x_T: Optional[torch.Tensor] = None, spacing: str = "linspace") -> torch.Tensor:
+                  x_T: Optional[torch.Tensor] = None, spacing: str = "linspace", amp: str = "off") -> torch.Tensor:
     """``n`` images ``(n, C, S, S)`` in [-1, 1] on the CPU from a U-Net, by DDIM (``steps`` network calls,
     default 50), DDPM's Algorithm 2 (all T steps), DPM-Solver++ 2M (``"dpmpp2m"``, default 20) or its stochastic
     form (``"dpmpp2m_sde"``, default 25), or their third-order forms (``"dpmpp3m"``, ``"dpmpp3m_sde"``), with the
@@ -336,19 +346,24 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, sample
 
     A conditional model (:class:`~diffusion_course.nn.ConditionalDenoiser`) takes ``cond``, one condition per
     image, and samples with classifier-free guidance of scale ``guidance_scale`` (1: the plain conditional
-    model, 0: the unconditional one). Lesson: 04_unet.
+    model, 0: the unconditional one). ``amp`` (``off``, ``bf16``, ``fp16``, ``auto``, as for training:
+    :func:`select_amp`) runs the network under autocast while the sampler's updates stay in float32; on a CPU with
+    bfloat16 kernels ``bf16`` samples about twice as fast as float32 (``benchmarks/README.md``). Lesson: 04_unet.
     """
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
     device = next(model.parameters()).device
+    amp_dtype = select_amp(device, amp)
     g = torch.Generator().manual_seed(seed)
     kwargs = None
+    if cond is None and getattr(model, "conditioner", None) is not None:
+        raise ValueError("this model is conditional: pass cond=... (one condition per image)")
+    if amp_dtype is not None:  # the network in low precision; guidance's combination and the sampler in float32
+        model = Autocast(model, amp_dtype)
     if cond is not None:
         if len(cond) != n:
             raise ValueError(f"{len(cond)} conditions for {n} images; give one condition per image")
         model, kwargs = ClassifierFreeGuidance(model, guidance_scale), {"cond": cond.to(device)}
-    elif getattr(model, "conditioner", None) is not None:
-        raise ValueError("this model is conditional: pass cond=... (one condition per image)")
     x = sample_with(diffusion, model, shape, sampler, steps, eta, generator=g, device=device, progress=progress,
                     model_kwargs=kwargs, x_T=x_T, spacing=spacing)
     return x.clamp(-1.0, 1.0).float().cpu()

@@ -128,6 +128,39 @@ def time_it(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
+def cpu_bf16_supported() -> bool:
+    """True when this CPU has oneDNN's bfloat16 kernels (AVX-512 with BF16, or AMX), the condition under which bf16
+    autocast runs on the CPU faster than float32 rather than through a slow emulation (``benchmarks/README.md``
+    measures both). Lesson: 04_unet."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the query
+        return False
+
+
+class Autocast(torch.nn.Module):
+    """``model`` run under ``torch.autocast`` in ``dtype`` (bfloat16 by default), its output cast back to the dtype
+    of its input: an eps-model that every sampler takes as it is, so that the network computes in low precision
+    while the sampler's own updates stay in float32. Keyword arguments (a condition, ...) pass through, and
+    ``config`` is the wrapped model's, so the samplers read the image shape from it. Lesson: 04_unet.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast computes in torch.bfloat16 or torch.float16, got {dtype}")
+        self.model, self.dtype = model, dtype
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.model(x, t, **kwargs)
+        return out.to(x.dtype)
+
+
 THREADS_ENV = "DIFFUSION_COURSE_THREADS"
 
 

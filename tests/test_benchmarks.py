@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_course.utils import cpu_bf16_supported
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,6 +28,18 @@ def test_bench_samplers_measures_every_sampler_and_the_floor(tmp_path):
     assert result["n"] == 12 and result["n_reference"] == 359 and result["step"] == 6000
     assert all(r["fd"]["mean"] > 0 for r in rows) and rows[1]["images_per_s"] > 0
     assert all(0 < r["mean_term"]["mean"] < r["fd"]["mean"] for r in rows)  # the shift is a part of the FD
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 kernels")
+def test_bench_samplers_runs_the_network_in_bf16_on_request(one_thread):
+    def run(amp):
+        with pytest.warns(UserWarning, match="fewer samples"):
+            return load("bench_samplers").main(["--device", "cpu", "--n", "12", "--seeds", "1", "--ddim", "4",
+                                                "--no-ddpm", "--amp", amp])
+    full, low = run("off"), run("bf16")
+    assert (full["amp"], low["amp"]) == ("off", "bf16")
+    a, b = full["rows"][1]["fd"]["mean"], low["rows"][1]["fd"]["mean"]
+    assert a != b and abs(a - b) < 0.1 * a  # the same noise: nearly the same samples, not the same
 
 
 def test_bench_samplers_reports_fd_against_the_sample_size(one_thread):

@@ -403,6 +403,14 @@ def test_the_shipped_latent_digit_model_draws_the_asked_for_digit(one_thread):
                  == want).float().mean().item() for s in (0.0, 3.0)}
     print(share)
     assert share[3.0] > 0.95 and share[0.0] < 0.4
+    # the denoiser under bf16 autocast (the decoder in float32): the same noise gives nearly the same latents,
+    # and the classifier still reads the digit asked for
+    full = model.sample(20, cond=want[:20], guidance_scale=3.0, steps=10, seed=1, decode=False)
+    low = model.sample(20, cond=want[:20], guidance_scale=3.0, steps=10, seed=1, decode=False, autocast=torch.bfloat16)
+    err = ((low - full).norm() / full.norm()).item()
+    assert 0 < err < 0.1, err
+    images = model.sample(20, cond=want[:20], guidance_scale=3.0, steps=10, seed=1, autocast=torch.bfloat16)
+    assert (clf.predict_proba(images).argmax(1) == want[:20]).float().mean().item() >= 0.9
 
 
 def test_box_masks_and_the_psnr_of_a_region():

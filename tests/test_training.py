@@ -18,8 +18,11 @@ from diffusion_course import checkpoint as ckpt
 from diffusion_course.__main__ import main
 from diffusion_course.nn import UNetConfig
 from diffusion_course.train_cli import TRAIN_HELP
+from diffusion_course import training
+from diffusion_course.nn import UNet
 from diffusion_course.training import (RESUMABLE, TrainConfig, Trainer, ema_decay_at, ema_update, load_checkpoint,
                                        select_amp)
+from diffusion_course.utils import Autocast, cpu_bf16_supported
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -61,7 +64,7 @@ def assert_same(a, b):
 # Pieces
 # ----------------------------------------------------------------------------------------------
 
-def test_select_amp_picks_bf16_then_fp16_on_cuda_and_nothing_elsewhere():
+def test_select_amp_picks_bf16_then_fp16_on_cuda_bf16_on_a_capable_cpu_and_nothing_elsewhere():
     assert select_amp("cpu") is None and select_amp("cpu", "off") is None and select_amp("mps", "auto") is None
     assert select_amp("cuda", "auto", bf16_supported=True) is torch.bfloat16
     assert select_amp("cuda", "auto", bf16_supported=False) is torch.float16
@@ -70,10 +73,68 @@ def test_select_amp_picks_bf16_then_fp16_on_cuda_and_nothing_elsewhere():
     assert select_amp("cuda", "off", bf16_supported=True) is None
     with pytest.raises(ValueError, match="does not support bf16"):
         select_amp("cuda", "bf16", bf16_supported=False)
-    with pytest.raises(ValueError, match="only used on CUDA"):
-        select_amp("cpu", "fp16")
+    with pytest.raises(ValueError, match="not as fp16 on cpu"):
+        select_amp("cpu", "fp16", bf16_supported=True)
     with pytest.raises(ValueError, match="amp must be one of"):
         select_amp("cpu", "fp8")
+    # the CPU: bf16 where it has bfloat16 kernels, refused where it would be emulated; auto stays float32
+    assert select_amp("cpu", "bf16", bf16_supported=True) is torch.bfloat16
+    assert select_amp("cpu", "auto", bf16_supported=True) is None
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        select_amp("cpu", "bf16", bf16_supported=False)
+    with pytest.raises(ValueError, match="not as bf16 on mps"):
+        select_amp("mps", "bf16")
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 kernels")
+
+
+def test_autocast_wrapper_computes_in_bf16_and_returns_the_input_dtype(images):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**TINY_UNET)).eval()
+    for p in net.parameters():  # the zero-initialised output layers too, so that the output depends on every path
+        p.data.add_(0.05 * torch.randn_like(p))
+    seen = []
+    net.out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, t = images[:4], torch.tensor([0, 5, 10, 19])
+    with torch.no_grad():
+        full, low = net(x, t), Autocast(net)(x, t)
+    assert seen == [torch.float32, torch.bfloat16]  # the network ran in bf16 inside the wrapper
+    assert low.dtype == torch.float32 and low.shape == full.shape
+    err = ((low - full).norm() / full.norm()).item()
+    assert 0 < err < 0.05, err  # bfloat16's 8-bit mantissa: close, not equal
+    assert Autocast(net).config is net.config
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
+        Autocast(net, torch.float64)
+
+
+@needs_cpu_bf16
+def test_bf16_training_and_sampling_on_the_cpu(images, tmp_path, capsys, monkeypatch):
+    full = Trainer(*tiny(), images)
+    low = Trainer(*tiny(amp="bf16"), images)
+    assert full.amp_dtype is None and low.amp_dtype is torch.bfloat16
+    full.train(6)
+    low.train(6)
+    assert all(p.dtype == torch.float32 for p in low.model.parameters())  # autocast keeps float32 master weights
+    # the same data, noise and initial weights: the losses follow each other to bf16's precision
+    for a, b in zip(full.loss_history, low.loss_history):
+        assert abs(a - b) < 0.05 * a, (full.loss_history, low.loss_history)
+    assert full.loss_history != low.loss_history
+    # sampling: the network in bf16, the sampler in float32; the same noise gives nearly the same images
+    from diffusion_course.training import sample_images
+    a = sample_images(full.ema, full.diffusion, 4, "ddim", 5, seed=1, progress=False)
+    b = sample_images(full.ema, full.diffusion, 4, "ddim", 5, seed=1, progress=False, amp="bf16")
+    assert a.dtype == b.dtype == torch.float32
+    assert 0 < (a - b).abs().max().item() < 0.1
+    # the command line: `sample --amp bf16`, and a clear refusal where the CPU would emulate bf16
+    full.save(tmp_path)
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(grid), "--steps", "3", "--n", "4",
+                 "--device", "cpu", "--amp", "bf16"]) == 0 and grid.exists()
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(grid), "--steps", "3", "--n", "4",
+                 "--device", "cpu", "--amp", "bf16"]) == 2
+    assert "no bfloat16 kernels" in capsys.readouterr().err
 
 
 def test_warmup_lr_rises_linearly_then_stays():
