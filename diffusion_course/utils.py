@@ -201,7 +201,8 @@ def in_colab() -> bool:
 
 
 def env_report(print_report: bool = True) -> Dict[str, str]:
-    """Versions, device and run mode, for the first cell of every lesson.
+    """Versions, device and run mode (and on a CPU, whether it has bfloat16 kernels), for the first cell of every
+    lesson.
 
     Warns loudly when a Colab runtime has no GPU (Runtime > Change runtime type > GPU). Lesson: 00_setup.
     """
@@ -220,6 +221,8 @@ def env_report(print_report: bool = True) -> Dict[str, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+    elif device.type == "cpu":  # whether amp="bf16" pays on this CPU (lesson 04, section 8)
+        info["cpu bfloat16 kernels"] = "yes (amp='bf16' is offered)" if cpu_bf16_supported() else "no"
     if print_report:
         width = max(len(k) for k in info)
         for k, v in info.items():

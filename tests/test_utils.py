@@ -58,6 +58,14 @@ def test_env_report_warns_on_colab_without_gpu(monkeypatch, capsys):
     assert "NO GPU" in capsys.readouterr().out
 
 
+def test_env_report_says_whether_the_cpu_has_bfloat16_kernels(monkeypatch):
+    monkeypatch.setattr(utils, "get_device", lambda prefer=None: torch.device("cpu"))
+    for has in (True, False):
+        monkeypatch.setattr(utils, "cpu_bf16_supported", lambda: has)
+        info = utils.env_report(print_report=False)
+        assert info["cpu bfloat16 kernels"] == ("yes (amp='bf16' is offered)" if has else "no")
+
+
 def test_denoisers_shapes_and_gradients():
     m = ToyMLP(T=20)
     x, t = torch.randn(7, 2), torch.randint(0, 20, (7,))
