@@ -23,13 +23,15 @@ A model is a shipped name or an exported folder, in pixel space (lessons 04, 07)
 
 Every row uses the sampler ``--sampler`` (default DDIM; ``ddpm`` is Algorithm 2 with all T steps, ``dpmpp2m`` and
 ``dpmpp2m_sde`` the DPM-Solver++ forms of lesson 04) with ``--steps`` network calls, and ``--eta`` for the samplers
-that take one (DDIM's eta, the SDE's noise level); the numbers are reported, never asserted.
+that take one (DDIM's eta, the SDE's noise level); the numbers are reported, never asserted. ``--amp bf16`` runs the
+network of the plain sampler under bf16 autocast (a GPU, or a CPU with bfloat16 kernels).
 
     python benchmarks/bench_guidance.py --task digits --model cond_digits16 --n 1000 --scales 0,1,2,3,5,8
     python benchmarks/bench_guidance.py --task shapes --model shapes_caption32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 500 --scales 1,3,5
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --sampler dpmpp2m_sde --steps 50
     python benchmarks/bench_guidance.py --task shapes --n 200 --scales 3 --attend 0.015
+    python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 200 --scales 3 --amp bf16
     python benchmarks/bench_guidance.py --task shapes --model ldm_shapes32 --n 200 --scales 3 --attend 0.08 \
         --attend-steps 12 --attend-weights 2,2
 """
@@ -51,7 +53,7 @@ from diffusion_course import attend, classifier, data, ldm, metrics, pretrained,
 from diffusion_course.conditions import encode_captions  # noqa: E402
 from diffusion_course.nn import ConditionerConfig  # noqa: E402
 from diffusion_course.solvers import SAMPLERS  # noqa: E402
-from diffusion_course.training import sample_images  # noqa: E402
+from diffusion_course.training import sample_images, select_amp  # noqa: E402
 
 
 def parse_scales(text: str) -> List[float]:
@@ -93,24 +95,26 @@ def digit_scores(images: torch.Tensor, want: torch.Tensor, reference: torch.Tens
                 spread=spread / len(classes) if classes else float("nan"))  # no label drawn twice: no spread
 
 
-def load_model(name: str, device: torch.device, sampler: str = "ddim", eta: Optional[float] = None
-               ) -> Tuple[Callable[..., torch.Tensor], int, Dict[str, Any]]:
+def load_model(name: str, device: torch.device, sampler: str = "ddim", eta: Optional[float] = None,
+               amp: str = "off") -> Tuple[Callable[..., torch.Tensor], int, Dict[str, Any]]:
     """``(draw(n, cond, scale, steps, seed) -> images in [-1, 1], image size, config dict)`` of a shipped pixel or
-    latent model, sampling with ``sampler`` (and ``eta``)."""
+    latent model, sampling with ``sampler`` (and ``eta``), the network under autocast when ``amp`` says so."""
     if name in pretrained.available("ldm") or (Path(name) / "config.json").is_file() and \
             "ldm" in json.loads((Path(name) / "config.json").read_text()):
         latent, info = ldm.load_latent_diffusion(name, device=device)
+        dtype = select_amp(device, amp)
         return (lambda n, cond, scale, steps, seed: latent.sample(n, cond=cond, guidance_scale=scale, steps=steps,
-                                                                   seed=seed, sampler=sampler, eta=eta),
+                                                                   seed=seed, sampler=sampler, eta=eta, autocast=dtype),
                 latent.autoencoder.config.image_size, info)
     model, diffusion, info = pretrained.load_pretrained(name, device=device)
     return (lambda n, cond, scale, steps, seed: sample_images(model, diffusion, n, sampler, steps, seed=seed, eta=eta,
-                                                               progress=False, cond=cond, guidance_scale=scale),
+                                                               progress=False, cond=cond, guidance_scale=scale,
+                                                               amp=amp),
             model.config.image_size, info)
 
 
 def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    draw, S, info = load_model(args.model, device, args.sampler, args.eta)
+    draw, S, info = load_model(args.model, device, args.sampler, args.eta, args.amp)
     to32 = lambda x: data.resize(x.cpu(), 32)  # noqa: E731
     clf = metrics.load_digit_classifier(32)
     reference = to32(data.get_dataset("digits", image_size=S, split="test").images)
@@ -128,7 +132,7 @@ def bench_digits(args: argparse.Namespace, device: torch.device) -> Dict[str, An
 
 
 def bench_shapes(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    draw, S, info = load_model(args.model, device, args.sampler, args.eta)
+    draw, S, info = load_model(args.model, device, args.sampler, args.eta, args.amp)
     config = ConditionerConfig.from_dict(info["conditioner"])
     if args.attend > 0:
         if config.kind != "text" or args.sampler != "ddim" or args.eta:
@@ -207,15 +211,20 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--attend-map-size", type=int, default=16, help="side of the grid the cross-attention maps are "
                    "resized to for attention guidance (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                   help="run the network of the plain sampler under autocast (bf16: a GPU, or a CPU with bfloat16 "
+                        "kernels; attention guidance stays float32)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.n < 2 or args.steps < 1:
         p.error("--n must be >= 2 and --steps >= 1")
+    if args.amp != "off" and args.attend > 0:
+        p.error("attention guidance samples in float32: give --amp or --attend, not both")
     args.model = args.model or {"digits": "cond_digits16", "shapes": "shapes_caption32"}[args.task]
     device = torch.device(args.device) if args.device else utils.get_device()
     result = (bench_digits if args.task == "digits" else bench_shapes)(args, device)
     result.update(task=args.task, model=args.model, n=args.n, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                  device=str(device),
+                  amp=args.amp, device=str(device),
                   torch=torch.__version__, machine=platform.machine())
     for r in result["rows"]:
         where = f"{r['split']:>8} " if "split" in r else ""

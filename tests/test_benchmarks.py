@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (tiny sizes; their figures are reported, never asserted)."""
 import importlib.util
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,23 @@ def test_bench_samplers_measures_every_sampler_and_the_floor(tmp_path):
     assert result["n"] == 12 and result["n_reference"] == 359 and result["step"] == 6000
     assert all(r["fd"]["mean"] > 0 for r in rows) and rows[1]["images_per_s"] > 0
     assert all(0 < r["mean_term"]["mean"] < r["fd"]["mean"] for r in rows)  # the shift is a part of the FD
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 kernels")
+def test_bench_guidance_samples_pixel_and_latent_models_in_bf16_on_request(one_thread):
+    for task, model in (("digits", "cond_digits16"), ("shapes", "ldm_shapes32")):
+        def run(amp):
+            with pytest.warns(UserWarning, match="fewer samples") if task == "digits" else nullcontext():
+                return load("bench_guidance").main(["--task", task, "--model", model, "--device", "cpu", "--n", "10",
+                                                    "--scales", "3", "--steps", "4", "--splits", "test",
+                                                    "--amp", amp])
+        full, low = run("off"), run("bf16")
+        assert (full["amp"], low["amp"]) == ("off", "bf16")
+        key = "fd" if task == "digits" else "shapes right"
+        a, b = full["rows"][1][key], low["rows"][1][key]
+        assert abs(a - b) <= 0.2 * max(a, 0.5), (task, a, b)
+        if task == "digits":
+            assert a != b  # the same noise, the network in another precision: near, not equal
 
 
 @pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no bfloat16 kernels")
@@ -155,6 +173,8 @@ def test_bench_guidance_measures_both_tasks(tmp_path):
     for bad in ("2", "1,-1", "a,b"):
         with pytest.raises(SystemExit):
             load("bench_guidance").main(["--task", "shapes", "--attend", "0.01", "--attend-weights", bad])
+    with pytest.raises(SystemExit):  # attention guidance runs in float32
+        load("bench_guidance").main(["--task", "shapes", "--attend", "0.01", "--amp", "bf16"])
     # a latent diffusion model (lesson 08) goes through the same script
     latent = load("bench_guidance").main(["--task", "shapes", "--model", "ldm_shapes32", "--device", "cpu", "--n", "3",
                                           "--scales", "3", "--steps", "2"])
