@@ -194,9 +194,9 @@ def select_amp(device: Union[str, torch.device], amp: str = "auto",
     """The autocast dtype for ``device``: ``torch.bfloat16``, ``torch.float16`` (needs a gradient scaler)
     or ``None`` (full float32). ``auto`` takes bf16 on a CUDA GPU that supports it, else fp16, and None off
     CUDA. On the CPU ``bf16`` is allowed where the CPU has bfloat16 kernels
-    (:func:`~diffusion_course.utils.cpu_bf16_supported`); ``auto`` stays float32 there, so that a lesson's figures do
-    not depend on which CPU ran it (``benchmarks/README.md`` measures what bf16 gains). ``bf16_supported`` overrides
-    the query of the GPU or the CPU (for tests). Lesson: 04_unet.
+    (:func:`~diffusion_course.utils.cpu_bf16_supported`); ``auto`` stays float32 there, so that the lessons compute in
+    float32 wherever they run and bf16 is the learner's choice (``benchmarks/README.md`` and lesson 04 measure what it
+    gains). ``bf16_supported`` overrides the query of the GPU or the CPU (for tests). Lesson: 04_unet.
     """
     device = torch.device(device)
     if amp not in AMP_CHOICES:
