@@ -57,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffusion_course import data, metrics, pretrained, solvers, training, utils  # noqa: E402
-from diffusion_course.training import select_amp  # noqa: E402
 
 
 def parse_steps(text: str) -> List[int]:
@@ -126,7 +125,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
     device = torch.device(args.device) if args.device else utils.get_device()
     model, diffusion, config = pretrained.load_pretrained(args.model, device=device)
     size = config["unet"]["image_size"]
-    amp_dtype = select_amp(device, args.amp)
+    amp_dtype = training.select_amp(device, args.amp)
     if amp_dtype is not None:
         model = utils.Autocast(model, amp_dtype)
     compile_seconds = None

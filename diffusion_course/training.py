@@ -652,9 +652,9 @@ class Trainer:
             if not math.isclose(theirs.scale_factor, latent["scale_factor"], rel_tol=1e-4):
                 problems.append(f"latent scale factor {theirs.scale_factor:.6g} "
                                 f"(this run: {latent['scale_factor']:.6g})")
-            mine = {k: v.cpu() for k, v in latent["autoencoder"].state_dict().items()}
-            ours = theirs.autoencoder.state_dict()
-            if mine.keys() != ours.keys() or not all(torch.equal(v, ours[k]) for k, v in mine.items()):
+            run_ae = {k: v.cpu() for k, v in latent["autoencoder"].state_dict().items()}
+            model_ae = theirs.autoencoder.state_dict()
+            if run_ae.keys() != model_ae.keys() or not all(torch.equal(v, model_ae[k]) for k, v in run_ae.items()):
                 problems.append("another autoencoder's latents")
             if problems:
                 raise ValueError(f"init_from={name!r} is a latent model of other latents than this run's: "
