@@ -26,7 +26,9 @@ On CUDA both networks run under bf16 autocast by default (``--amp``). diffusers 
 ``--compile`` measures every network a second time through ``torch.compile`` (mode ``--compile-mode``), so that
 eager and compiled stand side by side for both libraries; the first compiled step (tracing and code generation)
 is timed apart as ``compile s`` and left out of the throughput. ``--channels-last`` runs models and inputs in the
-channels-last memory format.
+channels-last memory format. ``--diffusers-classic`` also measures diffusers' network with its classic attention
+processor (``AttnProcessor``: an explicit softmax, where its default calls ``scaled_dot_product_attention``), the
+counterpart of the explicit path our attention takes in a bf16 training step on the CPU.
 
 Work per image is counted once per network with ``torch.utils.flop_counter.FlopCounterMode`` on the eager model:
 two FLOPs per multiply-add of every matrix product and convolution (attention through
@@ -67,6 +69,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                    num_heads=4, norm_groups=32),
 }
 T = 1000
+LABELS = {"ours": "ours (diffusion_course.nn.UNet)", "diffusers": "diffusers UNet2DModel",
+          "diffusers-classic": "diffusers UNet2DModel, classic attention"}
 # dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, by a part of the device name
 PEAK_TFLOPS: Dict[str, float] = {"H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
                                  "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
@@ -107,7 +111,8 @@ def diffusers_available() -> bool:
 
 def build(name: str, config: str, image_size: int, channels: int = 1) -> torch.nn.Module:
     """Our UNet, or diffusers' UNet2DModel with the same levels, channels, blocks, attention, groups and
-    heads. Both return the eps prediction from ``model(x, t)``."""
+    heads ("diffusers-classic": the same with diffusers' classic attention processor). Both return the eps
+    prediction from ``model(x, t)``."""
     c = CONFIGS[config]
     if name == "ours":
         from diffusion_course.nn import UNet, UNetConfig
@@ -128,6 +133,12 @@ def build(name: str, config: str, image_size: int, channels: int = 1) -> torch.n
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         attention_head_dim=heads_dim.pop(), norm_num_groups=c["norm_groups"], norm_eps=1e-6,
         flip_sin_to_cos=True, freq_shift=0, dropout=0.0)
+    if name == "diffusers-classic":
+        from diffusers.models.attention_processor import Attention, AttnProcessor
+
+        for module in net.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())
 
     class EpsOnly(torch.nn.Module):  # diffusers returns an output object; unwrap .sample
         def __init__(self, inner):
@@ -180,7 +191,7 @@ def measure(name: str, phase: str, args: argparse.Namespace, variant: str = "eag
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    if name == "diffusers":
+    if name.startswith("diffusers"):
         from diffusers import UNet2DModel  # noqa: F401  (import first: the library's own memory is not the model's)
     if dev.type == "cpu" and not reset_peak_rss():
         raise RuntimeError("measuring CPU memory needs Linux (/proc/self/clear_refs resets the peak RSS)")
@@ -293,6 +304,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile's backend (inductor generates code; eager only traces, for quick checks)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels-last memory format")
+    p.add_argument("--diffusers-classic", action="store_true",
+                   help="also measure diffusers' network with its classic (explicit softmax) attention processor")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS by the GPU's name)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one training step")
@@ -307,7 +320,7 @@ def main(argv=None) -> Dict[str, Any]:
 
     names = ["ours"]
     if diffusers_available():
-        names.append("diffusers")
+        names += ["diffusers"] + (["diffusers-classic"] if args.diffusers_classic else [])
     else:
         print("diffusers is not installed (pip install -e '.[bench]'): benchmarking our U-Net alone.\n")
     variants = ["eager"] + (["compiled"] if args.compile else [])
@@ -344,7 +357,7 @@ def main(argv=None) -> Dict[str, Any]:
     for n in names:
         for v in variants:
             tr, sa = by[(n, v, "train")], by[(n, v, "sample")]
-            label = "ours (diffusion_course.nn.UNet)" if n == "ours" else "diffusers UNet2DModel"
+            label = LABELS[n]
             mfu = f" {tr['tflops'] / peak:.1%} | {sa['tflops'] / peak:.1%} |" if peak else ""
             comp = ("-" if tr["compile_seconds"] is None else
                     f"{tr['compile_seconds']:.0f} / {sa['compile_seconds']:.0f}")
@@ -354,16 +367,17 @@ def main(argv=None) -> Dict[str, Any]:
     gflops = {k: v / 1e9 for k, v in flops.items()}
     print("\nGFLOP per image: " + "; ".join(f"{n} train {gflops[n, 'train']:.4f}, sample {gflops[n, 'sample']:.4f}"
                                            for n in names))
-    if len(names) == 2:
+    if len(names) > 1:
         po, pd = by[("ours", "eager", "train")]["params"], by[("diffusers", "eager", "train")]["params"]
         print(f"parameters: diffusers / ours = {pd / po:.4f} (diffusers' attention has biases on q, k, v; "
               f"ours has none)")
-        for v in variants:
-            for ph in ("train", "sample"):
-                ratio = by[("ours", v, ph)]["images_per_s"] / by[("diffusers", v, ph)]["images_per_s"]
-                rounds = {n: by[(n, v, ph)]["rounds_images_per_s"] for n in names}
-                print(f"{v} {ph}: ours / diffusers throughput = {ratio:.2f} (img/s per round: ours "
-                      f"{rounds['ours']}, diffusers {rounds['diffusers']})")
+        for other in names[1:]:
+            for v in variants:
+                for ph in ("train", "sample"):
+                    ratio = by[("ours", v, ph)]["images_per_s"] / by[(other, v, ph)]["images_per_s"]
+                    print(f"{v} {ph}: ours / {other} throughput = {ratio:.2f} (img/s per round: ours "
+                          f"{by[('ours', v, ph)]['rounds_images_per_s']}, {other} "
+                          f"{by[(other, v, ph)]['rounds_images_per_s']})")
     for r in results[: 2 * len(names) * len(variants)]:  # the first round's profiles
         if "profile" in r:
             print(f"\n{r['model']} ({r['variant']}): one training step, top operators\n{r['profile']}")

@@ -383,6 +383,42 @@ def test_bench_unet_counts_flops_and_measures_eager_and_compiled(one_thread):
         bench.main(["--peak-tflops", "0"])
 
 
+def test_bench_attention_times_both_paths_and_names_the_one_taken(tmp_path, one_thread):
+    bench = load("bench_attention")
+    out = tmp_path / "attention.json"
+    result = bench.main(["--dtype", "bf16", "--head-dims", "8", "--cases", "16x16,16x4", "--tokens", "32",
+                         "--warmup", "0", "--iters", "1", "--json", str(out)])
+    rows = result["rows"]
+    assert [(r["n"], r["m"], r["phase"]) for r in rows] == [(16, 16, "forward"), (16, 16, "train"),
+                                                            (16, 4, "forward"), (16, 4, "train")]
+    assert all(r["fused_ms"] > 0 and r["explicit_ms"] > 0 and r["batch"] == 2 for r in rows)
+    # the rule: the explicit softmax for a small bf16 training step on the CPU, the fused kernel otherwise
+    assert [r["takes"] for r in rows] == ["fused", "explicit", "fused", "explicit"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert bench.parse_cases("256x77, 64X64") == [(256, 77), (64, 64)]
+    for bad in (["--cases", "256"], ["--cases", "0x4"], ["--head-dims", "0"]):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+
+
+def test_bench_unet_builds_diffusers_with_its_classic_attention_on_request():
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    bench = load("bench_unet")
+    torch.manual_seed(0)
+    default, classic = bench.build("diffusers", "small", 16), bench.build("diffusers-classic", "small", 16)
+    kinds = {name: {type(m.processor) for m in net.modules() if isinstance(m, Attention)}
+             for name, net in (("default", default), ("classic", classic))}
+    assert kinds == {"default": {AttnProcessor2_0}, "classic": {AttnProcessor}}
+    for p in default.parameters():
+        torch.nn.init.normal_(p, std=0.05)          # so that the attention layers matter
+    classic.load_state_dict(default.state_dict())   # the same network: only the attention kernel differs
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 500])
+    with torch.no_grad():
+        assert torch.allclose(default(x, t), classic(x, t), atol=1e-5)
+
+
 def test_bench_samplers_samples_through_torch_compile(monkeypatch, one_thread):
     import torch
 

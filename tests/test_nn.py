@@ -95,6 +95,56 @@ def test_attention_matches_a_hand_computation():
         attn(x)
 
 
+def test_attention_picks_the_explicit_softmax_only_for_small_low_precision_cpu_training():
+    from diffusion_course.nn.attention import CPU_EXPLICIT_MAX_PAIRS, explicit_attention_pays
+
+    def qkv(n, m, dtype, grad):
+        q = torch.randn(1, 2, n, 4, dtype=dtype, requires_grad=grad)
+        return q, torch.randn(1, 2, m, 4, dtype=dtype), torch.randn(1, 2, m, 4, dtype=dtype)
+
+    assert explicit_attention_pays(*qkv(256, 256, torch.bfloat16, True))
+    assert explicit_attention_pays(*qkv(256, 16, torch.float16, True))
+    assert not explicit_attention_pays(*qkv(256, 256, torch.float32, True))     # float32: the fused kernel
+    assert not explicit_attention_pays(*qkv(256, 256, torch.bfloat16, False))   # no backward pass: fused
+    with torch.no_grad():
+        assert not explicit_attention_pays(*qkv(256, 256, torch.bfloat16, True))
+    edge = math.isqrt(CPU_EXPLICIT_MAX_PAIRS)
+    assert explicit_attention_pays(*qkv(edge, edge, torch.bfloat16, True))     # the largest explicit case
+    big = edge * 2
+    assert not explicit_attention_pays(*qkv(big, big, torch.bfloat16, True))    # a large score matrix: fused
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_explicit_path_is_as_accurate_as_the_fused_kernel_in_bf16(masked):
+    from diffusion_course.nn.attention import dot_product_attention, explicit_attention_pays
+
+    torch.manual_seed(0)
+    q64, k64, v64 = (torch.randn(2, 4, n, 16, dtype=torch.float64) for n in (64, 48, 48))
+    mask = torch.rand(2, 48) < 0.7 if masked else None
+    if masked:
+        mask[:, 0] = True
+    g = torch.randn(2, 4, 64, 16, dtype=torch.float64)
+
+    def run(dtype, fused):
+        q, k, v = (t.to(dtype).clone().requires_grad_() for t in (q64, k64, v64))
+        if fused:   # the kernel dot_product_attention calls everywhere the explicit path does not pay
+            am = None if mask is None else mask[:, None, None, :]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am)
+        else:
+            assert explicit_attention_pays(q, k, v) == (dtype == torch.bfloat16)
+            out = dot_product_attention(q, k, v, mask)
+        out.backward(g.to(dtype))
+        return [t.double() for t in (out, q.grad, k.grad, v.grad)]
+
+    exact = run(torch.float64, fused=False)
+    explicit, fused = run(torch.bfloat16, fused=False), run(torch.bfloat16, fused=True)
+    for want, a, b in zip(exact, explicit, fused):
+        err_explicit, err_fused = (a - want).abs().max().item(), (b - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err_explicit < 0.05 * scale                  # bf16 keeps 8 bits: errors of a few per cent at most
+        assert err_explicit < 3 * err_fused + 1e-3 * scale  # and of the same size as the fused kernel's
+
+
 def test_attention_block_is_self_attention_only_and_identity_at_init():
     torch.manual_seed(0)
     block = AttentionBlock(8, num_heads=2, norm_groups=4)

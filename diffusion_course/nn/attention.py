@@ -4,9 +4,11 @@ DDPM U-Net.
 Taught in lesson 04_unet (self-attention over the pixels of a feature map) and lesson 07_cross_attention
 (cross-attention, where Q = W_Q phi(z_t) comes from the image tokens and K = W_K tau_theta(y),
 V = W_V tau_theta(y) from the condition's tokens, with a key padding mask for conditions of different
-lengths). The layer goes through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where
-the hardware has them); :func:`~diffusion_course.nn.attention_maps.record_cross_attention` switches it to
-an explicit softmax that also hands the weights out, for pictures of where each word looks.
+lengths). The layer goes through :func:`dot_product_attention`, that is
+``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where the hardware has them), except in a bf16
+training step on the CPU with a small score matrix, where the explicit softmax is faster.
+:func:`~diffusion_course.nn.attention_maps.record_cross_attention` switches the layer to an explicit softmax that
+also hands the weights out, for pictures of where each word looks.
 """
 from __future__ import annotations
 
@@ -113,14 +115,56 @@ class MultiHeadAttention(nn.Module):
         context = self._check(x, context, mask)
         q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
         if self.recorder is None:
-            attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M), True = attend
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
+            out = dot_product_attention(q, k, v, mask)  # (B, heads, N, d)
         else:
             weights = self._weights(q, k, mask)  # (B, heads, N, M)
             self.recorder(weights.mean(dim=1))
             out = weights.to(v.dtype) @ v
         B, N, C = x.shape
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+# The most query x key pairs per head for which an explicit softmax beats the fused kernel in a CPU training step
+# in bfloat16 (benchmarks/bench_attention.py, one thread: 1.7x to 9x faster up to 256 x 256 tokens, about a tie at
+# 512 x 512, about half as fast at 1024 x 1024).
+CPU_EXPLICIT_MAX_PAIRS = 512 * 512
+
+
+def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`dot_product_attention` computes softmax(Q K^T / sqrt(d)) V explicitly instead of calling
+    the fused ``scaled_dot_product_attention``: on the CPU, in bfloat16 or float16, when a gradient will flow back
+    (the fused kernel's backward pass is slow there at these sizes) and the score matrix is small
+    (at most ``CPU_EXPLICIT_MAX_PAIRS`` query x key pairs per head). Everywhere else the fused kernel is
+    faster and is used. Lesson: 04_unet (bf16 on the CPU).
+    """
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.shape[-2] * k.shape[-2] <= CPU_EXPLICIT_MAX_PAIRS)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V as three plain operations in the inputs' dtype (the score matrix is
+    materialised): the path :func:`dot_product_attention` takes where :func:`explicit_attention_pays`. Shapes as
+    in :func:`dot_product_attention`.
+    """
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V per head: ``(B, heads, N, d)``, ``(B, heads, M, d)`` x 2 -> ``(B, heads, N, d)``,
+    with an optional key padding ``mask`` ``(B, M)`` (True = attend). Goes through the fused
+    ``scaled_dot_product_attention`` except where :func:`explicit_attention_pays`: there through
+    :func:`explicit_attention`. Lesson: 04_unet and 07_cross_attention.
+    """
+    if explicit_attention_pays(q, k, v):
+        return explicit_attention(q, k, v, mask)
+    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M), True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def check_mask(mask: torch.Tensor, batch: int, tokens: int) -> None:

@@ -97,10 +97,11 @@ class AttentionRecord:
 @contextmanager
 def record_cross_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[AttentionRecord]:
     """Record every cross-attention layer of ``model`` while the ``with`` block runs; yields the
-    :class:`AttentionRecord` the weights go to. On exit the layers return to the fused
-    ``scaled_dot_product_attention`` path (also when the block raises). With ``keep_graph`` the weights stay
-    on the model's device and in the autograd graph, so that a loss on the maps can be differentiated
-    (:mod:`~diffusion_course.attend` steers sampling so); by default they are detached copies on the CPU.
+    :class:`AttentionRecord` the weights go to. On exit the layers return to their usual path,
+    :func:`~diffusion_course.nn.attention.dot_product_attention` (also when the block raises). With ``keep_graph``
+    the weights stay on the model's device and in the autograd graph, so that a loss on the maps can be
+    differentiated (:mod:`~diffusion_course.attend` steers sampling so); by default they are detached copies on
+    the CPU.
     Lesson: 07_cross_attention.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention) and m.is_cross]
