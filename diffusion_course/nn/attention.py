@@ -125,8 +125,8 @@ class MultiHeadAttention(nn.Module):
 
 
 # The most query x key pairs per head for which an explicit softmax beats the fused kernel in a CPU training step
-# in bfloat16 (benchmarks/bench_attention.py, one thread: 1.7x to 9x faster up to 256 x 256 tokens, about a tie at
-# 512 x 512, about half as fast at 1024 x 1024).
+# in bfloat16 (benchmarks/bench_attention.py, one thread: 1.4x to 10x faster up to 256 x 256 pairs, 1.06x to 1.45x
+# at 512 x 512, 0.56x to 0.66x at 1024 x 1024).
 CPU_EXPLICIT_MAX_PAIRS = 512 * 512
 
 
